@@ -1,0 +1,48 @@
+# vaebench: `make sweep` then `make test` is all a newcomer types (both work offline).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SPEC   ?= experiments/default.toml
+RESULTS ?= results
+WORKERS ?= 2
+HOST   ?= 127.0.0.1
+PORT   ?= 5000
+STAMP  := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install sweep test test-fast report paper ui dashboard clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install the project with its test extras (idempotent)
+
+sweep: $(STAMP)  ## run a study (SPEC=experiments/default.toml, WORKERS=2) and print the comparison
+	$(BIN)/bench sweep $(SPEC) --workers $(WORKERS) --results $(RESULTS)
+
+test: $(STAMP)  ## run the whole test suite (slow tests included)
+	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)  ## the test suite without tests marked slow
+	$(BIN)/python -m pytest -q -m "not slow"
+
+report: $(STAMP)  ## write the report of the last study to results/reports/
+	$(BIN)/bench report --results $(RESULTS)
+
+paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the published numbers
+	$(BIN)/bench table all --results $(RESULTS)
+
+ui: $(STAMP)  ## browse the runs: mlflow ui on the study's store (127.0.0.1:5000 by default)
+	$(BIN)/bench ui --results $(RESULTS) --host $(HOST) --port $(PORT)
+
+dashboard: $(STAMP)  ## optuna-dashboard on the study's storage, if installed
+	$(BIN)/bench dashboard --results $(RESULTS) --host $(HOST) --port 8080
+
+clean:  ## delete generated results (keeps results/README.md) and the virtualenv
+	find $(RESULTS) -mindepth 1 ! -name README.md -exec rm -rf {} +
+	rm -rf $(VENV)

@@ -1,0 +1,83 @@
+"""The one flat configuration of a trial (nanoGPT-style): every field has a default and a
+comment, is logged to MLflow as a param and saved beside the checkpoint, so a run is fully
+described by it. Specs and the CLI only ever produce `RunConfig`s."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from bench.errors import ConfigError
+
+BINARIZATIONS = ("none", "static", "dynamic")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    # what is trained, on what
+    model: str = "vae"          # registry name: ae | vae | cvae | iwae
+    arch: str = "seed"          # registry name: seed | kw | iwae | conv | gated
+    loss: str = "bce"           # reconstruction likelihood, registry name (bench.losses)
+    latent: int = 32            # latent dimensions, >= 1
+    dataset: str = "mnist5k"    # registry name (bench.data)
+    binarize: str = "none"      # none | static (one seeded draw) | dynamic (fresh draw per batch)
+    # objective
+    beta: float = 1.0           # KL weight (beta-VAE); 1 gives the ELBO
+    warmup_epochs: int = 0      # KL weight rises linearly from 0 to beta over this many epochs
+    k: int = 1                  # importance samples per image in the training bound (iwae)
+    # optimisation
+    lr: float = 1e-3            # Adam learning rate
+    weight_decay: float = 0.0   # Adam weight decay
+    batch_size: int = 64
+    epochs: int = 10
+    patience: int = 0           # early stopping after this many epochs without a better val/elbo; 0 = off
+    dropout: float = 0.1        # dropout rate of architectures that use it (seed: keep_prob 0.9)
+    seed: int = 0               # seeds torch, numpy and the batch order; same seed, same numbers on CPU
+    device: str = "auto"        # auto | cpu | cuda | cuda:N | mps
+    # evaluation
+    eval_k: int = 5000          # importance samples for test/nll (5000 as in the papers)
+    eval_n: int = 0             # test images used for test/nll; 0 = the whole test set
+
+    def __post_init__(self) -> None:
+        for name in ("latent", "batch_size", "epochs", "k", "eval_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_epochs", "patience", "eval_n", "seed"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
+        if self.beta < 0 or self.weight_decay < 0:
+            raise ConfigError("beta and weight_decay must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.binarize not in BINARIZATIONS:
+            raise ConfigError(f"binarize must be one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
+
+    def replace(self, **changes) -> "RunConfig":
+        unknown = sorted(set(changes) - set(field_names()))
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {', '.join(unknown)}; known: {', '.join(field_names())}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "RunConfig":
+        return cls().replace(**values)
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(RunConfig)]
+
+
+def field_types() -> dict[str, type]:
+    """Python type of each field (int, float or str), for specs and CLI parsing."""
+    return {f.name: type(f.default) for f in dataclasses.fields(RunConfig)}

@@ -1,0 +1,25 @@
+"""Importance-weighted autoencoder (Burda et al. 2015): the same networks as the VAE trained on
+the k-sample bound log (1/k) sum_i p(x, z_i) / q(z_i|x), which tightens as k grows."""
+
+import math
+
+import torch
+
+from bench.models.vae import VAE, gaussian_kl, log_normal
+from bench.registry import MODELS
+
+
+@MODELS.register("iwae", variational=True, conditional=False)
+class IWAE(VAE):
+    """IWAE: loss = -log mean_k w_k, w_k = p(x|z_k) p(z_k)^beta / q(z_k|x)^beta."""
+
+    def terms(self, x, y=None, kl_weight: float = 1.0, generator=None):
+        mu, sigma = self.encode(x, y)
+        b, k = x.shape[0], self.k
+        eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+        z = mu + sigma * eps                                     # (k, B, latent)
+        logits = self.decode(z.flatten(0, 1), y if y is None else y.repeat(k))
+        log_px_z = -self.likelihood(logits, x.repeat(k, *([1] * (x.dim() - 1)))).view(k, b)
+        log_ratio = log_normal(z) - log_normal(z, mu, sigma)     # log p(z) - log q(z|x)
+        bound = torch.logsumexp(log_px_z + kl_weight * log_ratio, 0) - math.log(k)
+        return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": gaussian_kl(mu, sigma).sum(1)}

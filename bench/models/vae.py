@@ -1,0 +1,69 @@
+"""The VAE (Kingma & Welling 2013) with a standard normal prior and a diagonal Gaussian q(z|x).
+
+Its forward pass is a pure function of parameters and inputs; noise comes from an optional
+torch.Generator so evaluation never shares the generator that drew the data.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.registry import MODELS
+
+LOG_2PI = math.log(2 * math.pi)
+
+
+def gaussian_kl(mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, sigma^2) || N(0, 1)) per latent dimension, in nats: the seed's
+    0.5 * (mu^2 + sigma^2 - log sigma^2 - 1)."""
+    return 0.5 * (mu**2 + sigma**2 - 2 * torch.log(sigma) - 1)
+
+
+def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, sigma: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """log N(z; mu, sigma^2) summed over the last dimension, in nats."""
+    sigma = torch.as_tensor(sigma, dtype=z.dtype, device=z.device)
+    return (-0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * LOG_2PI).sum(-1)
+
+
+@MODELS.register("vae", variational=True, conditional=False)
+class VAE(nn.Module):
+    """VAE: loss = -log p(x|z) + beta * KL(q(z|x) || p(z)), one reparameterised sample."""
+
+    variational = True
+    conditional = False
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module,
+                 latent: int, num_classes: int = 0, beta: float = 1.0, k: int = 1):
+        super().__init__()
+        self.encoder, self.decoder, self.likelihood = encoder, decoder, likelihood
+        self.latent, self.num_classes, self.beta, self.k = latent, num_classes, beta, k
+
+    def condition(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return None
+
+    def encode(self, x, y=None):
+        return self.encoder(x, self.condition(y))
+
+    def decode(self, z, y=None):
+        return self.decoder(z, self.condition(y))
+
+    def terms(self, x, y=None, kl_weight: float = 1.0, generator=None) -> dict[str, torch.Tensor]:
+        """Per-image `loss` (what training minimises), `recon` (-log p(x|z)) and `kl`, in nats."""
+        mu, sigma = self.encode(x, y)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        recon = self.likelihood(self.decode(mu + sigma * eps, y), x)
+        kl = gaussian_kl(mu, sigma).sum(1)
+        return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
+
+    def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
+        device = device or next(self.parameters()).device
+        return torch.randn(n, self.latent, generator=generator, device=device)
+
+    @torch.no_grad()
+    def sample(self, n: int, y=None, generator=None) -> torch.Tensor:
+        """Mean images sigmoid(decoder(z)) for z from the prior, in [0, 1]."""
+        return torch.sigmoid(self.decode(self.prior_sample(n, generator), y))

@@ -1,0 +1,228 @@
+"""One trial: fit a model to a dataset and return its history. Never logs anywhere: the caller
+passes `on_epoch` (tracking, pruning) and decides what to do with the result.
+
+Data stays on the device as one tensor and is batched by a seeded index permutation: no
+DataLoader per-batch overhead. Same config and seed give the same numbers on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from bench.config import RunConfig
+from bench.errors import ConfigError, DivergedError
+from bench.evaluate import EVAL_SEED, elbo_terms, reconstruction_errors
+from bench.models import create_model
+
+VAL_BATCH = 1000
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module           # holds the best weights (by the selection metric)
+    history: list[dict]              # one dict of metrics per epoch
+    best_epoch: int
+    selection: str                   # the metric that chose the best epoch
+    seconds: float
+    device: str
+    stopped_early: bool = False
+    checkpoints: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """cuda if available, else mps, else cpu; or exactly the device named."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}: use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for but CUDA is not available; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def kl_weight(cfg: RunConfig, epoch: int, fraction: float = 0.0) -> float:
+    """Linear warm-up: beta * min(1, (epoch - 1 + fraction) / warmup_epochs); epochs count from 1."""
+    if cfg.warmup_epochs <= 0:
+        return cfg.beta
+    return cfg.beta * min(1.0, (epoch - 1 + fraction) / cfg.warmup_epochs)
+
+
+def selection_metric(model) -> tuple[str, str]:
+    """The validation metric that picks the best epoch and drives early stopping."""
+    return ("val/elbo", "maximize") if model.variational else ("val/recon", "minimize")
+
+
+@torch.no_grad()
+def validate(model, x, y, generator: torch.Generator) -> dict[str, float]:
+    """Validation metrics per image (nats): elbo/recon/kl for variational models, recon for
+    all, and the loss-agnostic bce/mse."""
+    was_training = model.training
+    model.eval()
+    sums: dict[str, float] = {}
+    for i in range(0, len(x), VAL_BATCH):
+        xb, yb = x[i:i + VAL_BATCH], None if y is None else y[i:i + VAL_BATCH]
+        terms = elbo_terms(model, xb, yb, generator) if model.variational else model.terms(xb, yb)
+        sq, bce = reconstruction_errors(model, xb, yb)
+        for name, t in {**terms, "mse": sq, "bce": bce}.items():
+            sums[name] = sums.get(name, 0.0) + float(t.double().sum())
+    model.train(was_training)
+    out = {f"val/{k}": v / len(x) for k, v in sums.items() if k != "loss"}
+    out["val/loss"] = out["val/recon"] + out.get("val/kl", 0.0)
+    return out
+
+
+def _adam(params, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has it for the device (measured faster)."""
+    try:
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+class _Progress:
+    """One self-rewriting status line on a terminal; silent otherwise."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+
+    def update(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write("\r" + text[:120].ljust(120))
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module], None] | None = None,
+        checkpoint_dir: str | Path | None = None, progress: bool | None = None) -> TrainResult:
+    """Train `cfg` on `data` (a bench.data.Dataset) and return the history and best model.
+
+    `on_epoch(epoch, metrics, model)` is called after each epoch; it may raise to stop the
+    trial (for example optuna.TrialPruned). A NaN or infinite loss raises DivergedError."""
+    from bench.data import binarize_batch
+
+    device = resolve_device(cfg.device)
+    seed_everything(cfg.seed)
+    model = create_model(cfg, data.image_shape, data.num_classes).to(device)
+    optimizer = _adam(model.parameters(), cfg, device)
+    x_train, y_train = data.train.x.to(device), data.train.y.to(device)
+    x_val, y_val = data.val.x.to(device), data.val.y.to(device)
+    dynamic = data.binarize == "dynamic"
+    order_gen = torch.Generator(device).manual_seed(cfg.seed)
+    val_gen_seed = EVAL_SEED + 1
+    n, bs = len(x_train), cfg.batch_size
+    if n == 0:
+        raise ConfigError(f"dataset {data.name!r} has no training images")
+    steps = math.ceil(n / bs)
+    selection, direction = selection_metric(model)
+    sign = 1.0 if direction == "maximize" else -1.0
+    best_value, best_epoch, best_state = -math.inf, 0, None
+    history: list[dict] = []
+    bar = _Progress(progress)
+    started = time.perf_counter()
+    stopped_early, bad_epochs = False, 0
+    try:
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            t0 = time.perf_counter()
+            perm = torch.randperm(n, generator=order_gen, device=device)
+            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            for step in range(steps):
+                idx = perm[step * bs:(step + 1) * bs]
+                xb = x_train[idx]
+                if dynamic:
+                    xb = binarize_batch(xb, order_gen)
+                yb = y_train[idx] if model.conditional else None
+                loss = model.terms(xb, yb, kl_weight(cfg, epoch, step / steps))["loss"].mean()
+                if not torch.isfinite(loss):
+                    raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {epoch}, "
+                                        f"step {step + 1} of {steps}; lower lr (now {cfg.lr:g}) or "
+                                        "use a bounded likelihood", epoch=epoch, step=step + 1)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(idx)
+                if bar.enabled and step % 20 == 0:
+                    bar.update(f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss {loss.item():.2f}")
+            train_seconds = time.perf_counter() - t0
+            metrics = {"train/loss": float(loss_sum) / n, "kl_weight": kl_weight(cfg, epoch, 1.0),
+                       **validate(model, x_val, y_val, torch.Generator(device).manual_seed(val_gen_seed)),
+                       "seconds": time.perf_counter() - t0, "samples_per_s": n / train_seconds}
+            history.append({"epoch": epoch, **metrics})
+            bar.update(f"epoch {epoch}/{cfg.epochs} train/loss {metrics['train/loss']:.2f} "
+                       f"{selection} {metrics[selection]:.2f} {metrics['samples_per_s']:,.0f} samples/s")
+            value = sign * metrics[selection]
+            if value > best_value:
+                best_value, best_epoch, bad_epochs = value, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+            if on_epoch is not None:
+                on_epoch(epoch, metrics, model)
+            if cfg.patience and bad_epochs >= cfg.patience:
+                stopped_early = True
+                break
+    finally:
+        bar.close()
+    last_state = copy.deepcopy(model.state_dict()) if checkpoint_dir is not None else None
+    model.load_state_dict(best_state)
+    if not model.variational:
+        model.fit_prior(latents(model, x_train, y_train), seed=cfg.seed)
+    model.eval()
+    checkpoints = {}
+    if checkpoint_dir is not None:
+        checkpoints = save_checkpoints(Path(checkpoint_dir), cfg, last_state, model.state_dict())
+    return TrainResult(model, history, best_epoch, selection, time.perf_counter() - started,
+                       str(device), stopped_early, checkpoints)
+
+
+@torch.no_grad()
+def latents(model, x, y=None, batch: int = VAL_BATCH) -> torch.Tensor:
+    """Encoder means of x (the AE's code; E_q[z] for the others)."""
+    model.eval()
+    y = y if model.conditional else None
+    return torch.cat([model.encode(x[i:i + batch], None if y is None else y[i:i + batch])[0]
+                      for i in range(0, len(x), batch)])
+
+
+def save_checkpoints(directory: Path, cfg: RunConfig, last: dict, best: dict) -> dict[str, str]:
+    """best.pt and last.pt (state dicts) and config.json; loadable with weights_only=True."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(cfg.to_json())
+    paths = {}
+    for name, state in (("best", best), ("last", last)):
+        path = directory / f"{name}.pt"
+        torch.save(state, path)
+        paths[name] = str(path)
+    return paths
+
+
+def load_checkpoint(path: str | Path, cfg: RunConfig, image_shape, num_classes: int):
+    """A model rebuilt from the registry with weights from `path` (weights_only=True)."""
+    model = create_model(cfg, image_shape, num_classes)
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    return model.eval()

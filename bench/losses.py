@@ -57,7 +57,8 @@ class SeedBernoulli(Likelihood):
 
     def forward(self, logits, x):
         p = torch.sigmoid(logits)
-        return -_per_image(x * torch.log(self.eps + p) + (1 - x) * torch.log(self.eps + 1 - p))
+        # eps + (1 - p), not (eps + 1) - p: in float32 eps + 1 rounds to 1 and log(1 - p) is -inf
+        return -_per_image(x * torch.log(self.eps + p) + (1 - x) * torch.log(self.eps + (1 - p)))
 
 
 @LOSSES.register("mse")

@@ -60,8 +60,12 @@ class Registry:
         close = difflib.get_close_matches(str(name), list(self._entries), n=3, cutoff=0.5)
         hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
         return (f"unknown {self.kind} {name!r}: {hint}"
-                f"known {self.kind}s: {', '.join(sorted(self._entries))} "
-                f"(`bench list {self.kind}s`)")
+                f"known {self.plural}: {', '.join(sorted(self._entries))} "
+                f"(`bench list {self.plural}`)")
+
+    @property
+    def plural(self) -> str:
+        return self.kind + ("es" if self.kind.endswith("s") else "s")
 
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._entries if fnmatch.fnmatch(n, pattern))
@@ -83,4 +87,4 @@ DATASETS = Registry("dataset")
 PRESETS = Registry("preset")
 METRICS = Registry("metric")
 
-ALL = {r.kind + "s": r for r in (MODELS, LOSSES, ARCHS, DATASETS, PRESETS, METRICS)}
+ALL = {r.plural: r for r in (MODELS, LOSSES, ARCHS, DATASETS, PRESETS, METRICS)}

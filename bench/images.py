@@ -108,14 +108,15 @@ def latent_scatter(model, x, y, seed: int = 0) -> np.ndarray:
         mu, _ = model.encode(x, _labels(model, y))
     labels = _numpy(y).astype(int)
     points, title = project_2d(_numpy(mu), labels, seed=seed)
-    figure = Figure(figsize=(5, 4), dpi=100, layout="constrained")
+    figure = Figure(figsize=(5, 4), dpi=100)  # fixed margins: constrained layout costs ~0.5 s
+    figure.subplots_adjust(left=0.11, right=0.83, bottom=0.1, top=0.9)
     canvas = FigureCanvasAgg(figure)
     ax = figure.add_subplot()
     for label in np.unique(labels):
         here = labels == label
         ax.scatter(points[here, 0], points[here, 1], s=8, color=f"C{label % 10}", label=str(label))
     ax.set_title(title, fontsize=10)
-    figure.legend(loc="outside right upper", title="label", markerscale=2, fontsize=8)
+    figure.legend(loc="upper right", title="label", markerscale=2, fontsize=8)
     canvas.draw()
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 

@@ -17,6 +17,7 @@ import platform
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
@@ -33,6 +34,7 @@ from bench.config import RunConfig  # noqa: E402
 from bench.errors import TrackingError  # noqa: E402
 
 logging.getLogger("mlflow").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
 logging.getLogger("alembic").setLevel(logging.ERROR)
 
 ROLE, STUDY, TRIAL, CELL = "vaebench.role", "vaebench.study", "vaebench.trial", "vaebench.cell"
@@ -69,9 +71,18 @@ def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> 
                                 "or rename the study")
         return found.experiment_id
     try:
-        return client.create_experiment(name, tags={**EXPERIMENT_KIND, **(tags or {})})
+        return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
+                                        tags={**EXPERIMENT_KIND, **(tags or {})})
     except MlflowException:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts beside a local sqlite store (`<store dir>/artifacts/<experiment>`), not in
+    ./mlruns of whatever directory the command ran in; a tracking server decides its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
 
 
 def environment_tags() -> dict[str, str]:

@@ -1,0 +1,245 @@
+"""`bench list|train|sweep|worker|report|table|ui|dashboard`: parses arguments, calls the
+functions that do the work, and prints a BenchError as one line with a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError
+
+RESULTS_ENV = "VAEBENCH_RESULTS"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not usage + traceback-like noise
+        sys.stderr.write(f"bench: error: {message} (see `{self.prog} --help`)\n")
+        raise SystemExit(2)
+
+
+def _results(args) -> Path:
+    return Path(args.results or os.environ.get(RESULTS_ENV) or "results")
+
+
+def _add_results(p):
+    p.add_argument("--results", help=f"where every output goes (default ${RESULTS_ENV} or results/)")
+
+
+def cmd_list(args):
+    import bench
+
+    kinds = [args.kind] if args.kind else list(bench.ALL)
+    for kind in kinds:
+        registry = bench.ALL[kind]
+        names = registry.names(args.pattern or "*")
+        print(f"{kind} ({len(names)}):")
+        for name in names:
+            print(f"  {name:<14} {registry.entry(name).summary}")
+    return 0
+
+
+def _run_config(args):
+    from bench.config import RunConfig, field_names
+    from bench.registry import PRESETS
+
+    values = dict(PRESETS.get(args.preset)()) if args.preset else {}
+    values.update({f: getattr(args, f) for f in field_names() if getattr(args, f, None) is not None})
+    return RunConfig.from_dict(values)
+
+
+def cmd_train(args):
+    import bench  # noqa: F401  (registries)
+    from bench import tracking
+    from bench.data import load_dataset
+    from bench.trial import check_config, run_tracked
+
+    cfg = _run_config(args)
+    data = load_dataset(cfg.dataset, cfg.binarize)
+    check_config(cfg, data)
+    results = _results(args)
+    uri = args.tracking_uri or tracking.default_uri(results)
+    client = tracking.connect(uri)
+    exp_id = tracking.experiment_id(client, args.experiment)
+    name = f"{cfg.model}-{cfg.arch}-{cfg.loss}-z{cfg.latent}-{cfg.dataset}-s{cfg.seed}"
+    out = run_tracked(cfg, data, client=client, exp_id=exp_id, run_name=name, results=results,
+                      tags={"vaebench.preset": args.preset or ""})
+    last = out.result.history[-1]
+    print(f"{name}: {len(out.result.history)} epochs on {data.name} ({data.binarize}), best epoch "
+          f"{out.result.best_epoch} by {out.result.selection}, device {out.result.device}")
+    rows = [(k, v) for k, v in out.metrics.items() if k not in ("test/nll_k", "test/nll_n")]
+    rows += [("seconds", out.result.seconds), ("samples/s (last epoch)", last["samples_per_s"])]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        note = f"  (k={cfg.eval_k}, {int(out.metrics['test/nll_n'])} images)" if key == "test/nll" else ""
+        print(f"  {key:<{width}}  {value:>12.3f}{note}")
+    if not out.evaluation.proper_density:
+        print(f"  note: loss {cfg.loss!r} is not a normalised density on this data "
+              f"({'binary' if data.binary else 'continuous'}): its nats do not compare with other losses")
+    print(f"checkpoint: {out.result.checkpoints.get('best')}\nmlflow run: {out.run_id} ({uri})")
+    return 0
+
+
+def _spec(args):
+    from bench.spec import override
+    from bench.sweep import load_any_spec
+
+    spec = load_any_spec(args.spec)
+    changes = {k: v for k, v in (("epochs", getattr(args, "epochs", None)),
+                                 ("seeds", getattr(args, "seeds", None))) if v is not None}
+    return override(spec, **changes) if changes else spec
+
+
+def cmd_sweep(args):
+    from bench import sweep
+    from bench.registry import DATASETS
+    from bench.spec import format_plan
+
+    spec = sweep.resolve(_spec(args))
+    if args.dry_run:
+        print(format_plan(spec, train_size=DATASETS.meta(spec.dataset).get("train_size"), workers=args.workers))
+        return 0
+    results = _results(args)
+    try:
+        out = sweep.run_study(spec, results=results, workers=args.workers, storage=args.storage,
+                              tracking_uri_=args.tracking_uri)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished cells are kept; run the same command again to resume "
+              f"({args.spec})", file=sys.stderr)
+        return 130
+    print(f"\n{out.study} on {out.dataset}: {out.done}/{out.trials} trials done "
+          f"({out.trained_now} trained now, {out.seconds / 60:.1f} min)")
+    print(out.summary)
+    for cell, reason in out.failed:
+        print(f"FAILED {cell}: {reason}", file=sys.stderr)
+    if out.done:
+        try:
+            from bench.report import write_report
+        except ImportError:
+            write_report = None
+        if write_report is not None:
+            path = write_report(spec.name, results=results, tracking_uri=out.tracking_uri)
+            print(f"report: {path / 'report.html'}")
+    print(f"browse the runs: make ui  (mlflow ui on {out.tracking_uri})")
+    return 1 if out.failed else 0
+
+
+def cmd_worker(args):
+    from bench import sweep
+
+    spec = _spec(args)
+    ran = sweep.run_worker(spec, results=_results(args), storage=args.storage, tracking_uri_=args.tracking_uri,
+                           worker=args.worker_id, threads=args.threads)
+    print(f"[worker {args.worker_id}] queue empty after {ran} trial(s)", flush=True)
+    return 0
+
+
+def cmd_report(args):
+    from bench.report import write_report
+
+    path = write_report(args.experiment, results=_results(args), tracking_uri=args.tracking_uri)
+    print(f"report: {path / 'report.html'}\n        {path / 'report.md'}")
+    return 0
+
+
+def cmd_table(args):
+    from bench.tables import PAPERS, run_table
+
+    names = list(PAPERS) if args.name == "all" else [args.name]
+    for name in names:
+        if name not in PAPERS:
+            raise BenchError(f"unknown paper table {name!r}: choose from {', '.join(PAPERS)} or all")
+        print(run_table(name, results=_results(args), full=args.full, workers=args.workers))
+    return 0
+
+
+def cmd_ui(args):
+    from bench.tracking import default_uri
+
+    uri = args.tracking_uri or default_uri(_results(args))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise BenchError(f"no MLflow store at {uri}: run `make sweep` (or `bench train ...`) first")
+    mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
+    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    os.execv(cmd[0], cmd)
+
+
+def cmd_dashboard(args):
+    exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+    if exe is None:
+        raise BenchError("optuna-dashboard is not installed: .venv/bin/pip install optuna-dashboard")
+    url = args.storage or f"sqlite:///{_results(args).resolve() / 'optuna.db'}"
+    os.execv(exe, [exe, url, "--host", args.host, "--port", str(args.port)])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from bench.config import RunConfig, field_types
+
+    parser = _Parser(prog="bench", description="Train, evaluate, track and compare autoencoder variants.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("list", help="what the harness knows: models, losses, archs, datasets, presets, metrics")
+    p.add_argument("kind", nargs="?", choices=["models", "losses", "archs", "datasets", "presets", "metrics"])
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'seed*'")
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("train", help="train, evaluate and track one model")
+    p.add_argument("--preset", help="start from a named config (bench list presets)")
+    defaults = RunConfig()
+    for name, kind in field_types().items():
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, default=None,
+                       help=f"default {getattr(defaults, name)!r}")
+    p.add_argument("--experiment", default="train", help="MLflow experiment (default: train)")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<results>/mlflow.db)")
+    _add_results(p)
+    p.set_defaults(func=cmd_train)
+
+    for name, func, text in (("sweep", cmd_sweep, "run every cell of a study spec (resumes)"),
+                             ("worker", cmd_worker, "take queued trials of a prepared study until none is left")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("spec", help="experiments/*.toml")
+        p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<results>/optuna.db)")
+        p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<results>/mlflow.db)")
+        p.add_argument("--epochs", type=int, help="override the spec's epochs")
+        _add_results(p)
+        if name == "sweep":
+            p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+            p.add_argument("--dry-run", action="store_true", help="print the cells and a time estimate only")
+        else:
+            p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+            p.add_argument("--worker-id", type=int, default=1)
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("report", help="write the comparison report of a study from MLflow")
+    p.add_argument("experiment", nargs="?", help="study / MLflow experiment (default: the latest)")
+    p.add_argument("--tracking-uri")
+    _add_results(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("table", help="run a paper's study and print our numbers beside the published ones")
+    p.add_argument("name", help="exemplar2020 | burda2015 | kingma2013 | seed | all")
+    p.add_argument("--full", action="store_true", help="the paper's budget instead of the CPU one")
+    p.add_argument("--workers", type=int, default=1)
+    _add_results(p)
+    p.set_defaults(func=cmd_table)
+
+    for name, func, port in (("ui", cmd_ui, 5000), ("dashboard", cmd_dashboard, 8080)):
+        p = sub.add_parser(name, help="mlflow ui on the study's store" if name == "ui" else "optuna-dashboard")
+        p.add_argument("--host", default="127.0.0.1")
+        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--tracking-uri" if name == "ui" else "--storage")
+        _add_results(p)
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except BenchError as e:
+        print(f"bench: error: {e}", file=sys.stderr)
+        return e.exit_code

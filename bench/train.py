@@ -175,6 +175,10 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
             history.append({"epoch": epoch, **metrics})
             bar.update(f"epoch {epoch}/{cfg.epochs} train/loss {metrics['train/loss']:.2f} "
                        f"{selection} {metrics[selection]:.2f} {metrics['samples_per_s']:,.0f} samples/s")
+            if not math.isfinite(metrics[selection]):
+                raise DivergedError(f"training diverged: validation {selection} is {metrics[selection]} "
+                                    f"after epoch {epoch}; lower lr (now {cfg.lr:g}) or use a bounded "
+                                    "likelihood", epoch=epoch, step=steps)
             value = sign * metrics[selection]
             if value > best_value:
                 best_value, best_epoch, bad_epochs = value, epoch, 0

@@ -26,7 +26,9 @@ sweep: $(STAMP)  ## run a study (SPEC=experiments/default.toml, WORKERS=2) and p
 	$(BIN)/bench sweep $(SPEC) --workers $(WORKERS) --results $(RESULTS)
 
 test: $(STAMP)  ## run the whole test suite (slow tests included)
-	$(BIN)/python -m pytest -q
+	@$(BIN)/python -m pytest -q; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: pytest collected no tests (exit 5)" >&2; exit 1; fi; \
+	exit $$status
 
 test-fast: $(STAMP)  ## the test suite without tests marked slow
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -237,8 +237,16 @@ def test_plan_estimates_the_time_and_warns_over_budget():
     assert "warning" not in format_plan(spec, train_size=1000, samples_per_s=1000, workers=4)
 
 
+def test_plan_takes_the_train_size_from_the_dataset_registry():
+    plan = format_plan(parse_spec(BASE), samples_per_s=1259, overhead_s=0)
+    assert "x 1,259 images" in plan  # digits' 1,259 training images
+    assert "about 16 s" in plan  # 8 runs x 2 epochs x 1259 images / 1259 per s
+
+
 def test_plan_without_a_train_size_says_so():
-    assert "estimated time: unknown; pass train_size" in format_plan(parse_spec(BASE))
+    unresolved = parse_spec({**BASE, "study": {**BASE["study"], "dataset": "auto"},
+                             "grid": {"model": ["vae"]}})
+    assert "estimated time: unknown; pass train_size" in format_plan(unresolved)
 
 
 # --- mistakes, each one line that names the key and the fix ------------------------------------

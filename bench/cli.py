@@ -52,12 +52,13 @@ def _run_config(args):
 
 def cmd_train(args):
     import bench  # noqa: F401  (registries)
-    from bench import tracking
     from bench.data import load_dataset
+
+    cfg = _run_config(args)  # bad values fail here, before the heavier imports below
+    data = load_dataset(cfg.dataset, cfg.binarize)
+    from bench import tracking
     from bench.trial import check_config, run_tracked
 
-    cfg = _run_config(args)
-    data = load_dataset(cfg.dataset, cfg.binarize)
     check_config(cfg, data)
     results = _results(args)
     uri = args.tracking_uri or tracking.default_uri(results)
@@ -97,6 +98,8 @@ def cmd_sweep(args):
     from bench.registry import DATASETS
     from bench.spec import format_plan
 
+    if args.workers < 0:
+        raise BenchError(f"--workers must be >= 0 (0 only queues the cells), got {args.workers}")
     spec = sweep.resolve(_spec(args))
     if args.dry_run:
         print(format_plan(spec, train_size=DATASETS.meta(spec.dataset).get("train_size"), workers=args.workers))

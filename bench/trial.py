@@ -16,7 +16,7 @@ from bench.errors import DivergedError
 from bench.evaluate import Evaluation, evaluate
 from bench.models import create_model
 from bench.registry import MODELS
-from bench.train import TrainResult, fit
+from bench.train import TrainResult, fit, resolve_device
 
 FIXED_EXAMPLES = 10  # test images shown in the recon/interpolation grids of every run
 
@@ -66,6 +66,7 @@ def pictures(model, data, seed: int = 0) -> dict:
 
 def check_config(cfg: RunConfig, data) -> None:
     """Fail on an impossible config before anything is written (builds the model on CPU)."""
+    resolve_device(cfg.device)
     create_model(cfg, data.image_shape, data.num_classes)
 
 

@@ -1,0 +1,268 @@
+"""The command line as a user meets it: `python -m bench ...` in a fresh directory.
+
+A bad input gives one clear line on stderr, a non-zero exit status, no traceback and nothing
+written that could be mistaken for a result; a divergent run is recorded, as FAILED with its
+reason. Each subprocess imports torch and MLflow (seconds of CPU), so the module starts them
+all at once, a few at a time, and each test reads the outcome of its own.
+"""
+
+import dataclasses
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bench.data
+from bench import tracking
+from bench.cli import main
+from bench.config import RunConfig
+from bench.errors import ConfigError
+from bench.models import create_model
+from bench.registry import LOSSES, MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "experiments" / "smoke.toml"
+# bench.tracking silences this MLflow warning, but pytest resets warning filters for each test
+pytestmark = pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")
+SMALL = {"model": "vae", "dataset": "digits", "epochs": 1, "latent": 2, "eval_k": 5, "eval_n": 50,
+         "device": "cpu"}
+
+
+def train(**flags) -> list[str]:
+    """`bench train` with a small digits config; a flag given as None is left out."""
+    flags = {**SMALL, **flags}
+    return ["train", *(arg for name, value in flags.items() if value is not None
+                       for arg in (f"--{name.replace('_', '-')}", str(value)))]
+
+
+def missing(module: str) -> str | None:
+    return None if importlib.util.find_spec(module) else f"{module} is not there yet"
+
+
+# Run as subprocesses, one case for each way a command can fail (each costs seconds of imports;
+# more cases run through `main` below).
+# name: (arguments, words the error line names, why the case cannot run here or None)
+BAD_INPUTS = {
+    "unknown model": (train(model="vea"), ["unknown model 'vea'", "did you mean 'vae'"], None),
+    "latent not a number": (train(latent="two"), ["--latent", "invalid int value: 'two'"], None),
+    "unknown command": (["trian"], ["invalid choice: 'trian'"], None),
+    "unknown key in a spec": (["sweep", "{typo_spec}"], ["unknown key 'epoch' in [study] of typo.toml",
+                                                         "epochs"], None),
+    "unknown paper table": (["table", "nope"], ["unknown paper table 'nope'"], missing("bench.tables")),
+    "report without runs": (["report"], ["{results}"], missing("bench.report")),  # results/ is empty
+}
+COMMANDS = {
+    **{name: args for name, (args, _, skip) in BAD_INPUTS.items() if skip is None},
+    "divergent": train(loss="gaussian", lr=1e6),  # a Gaussian likelihood at lr 1e6 blows up at once
+}
+
+
+@dataclasses.dataclass
+class Finished:
+    args: list[str]
+    cwd: Path
+    results: Path
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict[str, Finished]:
+    """Every command of COMMANDS, run as `python -m bench ARGS --results <dir>/results` from an
+    empty working directory of its own (the results directory of `report` exists, empty)."""
+    root = tmp_path_factory.mktemp("cli")
+    typo_spec = root / "typo.toml"
+    typo_spec.write_text('[study]\nname = "typo"\ndataset = "digits"\nepoch = 2\n')
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+
+    def run(item):
+        name, args = item
+        home = root / re.sub(r"\W+", "-", name)
+        (home / "cwd").mkdir(parents=True)
+        if name == "report without runs":
+            (home / "results").mkdir()
+        args = [a.format(typo_spec=typo_spec) for a in args]
+        done = subprocess.run([sys.executable, "-m", "bench", *args, "--results", str(home / "results")],
+                              cwd=home / "cwd", env=env, capture_output=True, text=True, timeout=600)
+        return name, Finished(args, home / "cwd", home / "results", done.returncode, done.stdout, done.stderr)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(pool.map(run, COMMANDS.items()))
+
+
+def error_line(done: Finished) -> str:
+    """The one line a failed command writes to stderr (failing the test otherwise)."""
+    assert done.returncode != 0, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("bench: error: ")
+    return lines[0]
+
+
+@pytest.mark.slow  # the module's subprocesses take about 40 s of CPU together
+@pytest.mark.parametrize("name", BAD_INPUTS)
+def test_a_bad_input_is_one_line_on_stderr_and_writes_nothing(finished, name):
+    args, words, skip = BAD_INPUTS[name]
+    if skip:
+        pytest.skip(skip)
+    done = finished[name]
+    line = error_line(done)
+    for word in words:
+        assert word.format(results=done.results) in line
+    assert done.stdout == ""
+    assert list(done.cwd.iterdir()) == []  # no ./mlruns, no ./results
+    if name == "report without runs":
+        assert list(done.results.iterdir()) == []  # no empty store created on the way
+    else:
+        assert not done.results.exists()
+
+
+@pytest.mark.slow
+def test_a_divergent_run_fails_in_one_line_and_is_recorded_as_failed(finished):
+    done = finished["divergent"]
+    line = error_line(done)
+    assert "training diverged: loss is " in line and "at epoch 1, step " in line and "lower lr" in line
+    client = tracking.connect(tracking.default_uri(done.results))
+    [run] = client.search_runs([client.get_experiment_by_name("train").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.tags[tracking.FAIL_REASON] == line.removeprefix("bench: error: ")
+    assert not any(key.startswith("test/") for key in run.data.metrics)
+    assert client.list_artifacts(run.info.run_id, "model") == []
+    assert not (done.results / "checkpoints").exists()
+    assert list(done.cwd.iterdir()) == []
+
+
+# ---------------------------------------------------------------- in this process
+
+# More bad inputs, through `main` in this process: the code paths of the subprocess cases.
+MORE_BAD_INPUTS = [
+    pytest.param(train(dataset="mnsit"), "unknown dataset 'mnsit': did you mean 'mnist' or 'mnist5k'?",
+                 id="unknown dataset"),
+    pytest.param(train(loss="msee"), "unknown loss 'msee': did you mean 'mse' or 'seed-bce'?", id="unknown loss"),
+    pytest.param(train(arch="convv"), "unknown arch 'convv': did you mean 'conv'?", id="unknown arch"),
+    pytest.param(train(preset="seed-vea"), "unknown preset 'seed-vea': did you mean 'seed-vae' or 'seed-cvae'?",
+                 id="unknown preset"),
+    pytest.param(train(latent=0), "latent must be a positive integer, got 0", id="latent 0"),
+    pytest.param(train(batch_size=-1), "batch_size must be a positive integer, got -1", id="batch size -1"),
+    pytest.param(train(eval_k=0), "eval_k must be a positive integer, got 0", id="eval-k 0"),
+    pytest.param(train(binarize="half"), "binarize must be one of none, static, dynamic, got 'half'",
+                 id="unknown binarization"),
+    pytest.param(train(device="cuda"), "device 'cuda' asked for but CUDA is not available; use --device cpu",
+                 id="cuda on a machine without",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(["sweep", "no/such/spec.toml"], "spec file 'no/such/spec.toml' not found: check the path",
+                 id="missing spec file"),
+]
+
+
+@pytest.mark.parametrize("args, message", MORE_BAD_INPUTS)
+def test_more_bad_inputs_are_one_line_too(capsys, tmp_path, args, message):
+    assert main([*args, "--results", str(tmp_path / "results")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith(f"bench: error: {message}") and captured.err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_train_prints_the_test_metrics_and_where_the_run_is(capsys, mlflow_uri, tmp_path):
+    assert main([*train(), "--results", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    lines = captured.out.splitlines()
+    assert lines[0] == ("vae-seed-bce-z2-digits-s0: 1 epochs on digits (none), best epoch 1 by "
+                        "val/elbo, device cpu")
+    run_id, uri = re.fullmatch(r"mlflow run: (\w+) \((.+)\)", lines[-1]).groups()
+    assert uri == tracking.default_uri(tmp_path) == mlflow_uri
+    checkpoint = Path(lines[-2].removeprefix("checkpoint: "))
+    assert checkpoint == tmp_path / "checkpoints" / run_id / "best.pt" and checkpoint.is_file()
+    run = tracking.connect(uri).get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["mlflow.runName"] == "vae-seed-bce-z2-digits-s0"
+    printed = dict(re.fullmatch(r"  (\S+)\s+(-?\d+\.\d{3})(?:  \(.*\))?", line).groups()
+                   for line in lines if line.startswith("  test/"))
+    assert set(printed) == {k for k in run.data.metrics if k.startswith("test/")} - {"test/nll_k", "test/nll_n"}
+    for key, text in printed.items():  # the table shows what MLflow holds, to 3 decimals
+        assert text == f"{run.data.metrics[key]:.3f}", key
+    [nll] = [line for line in lines if line.startswith("  test/nll ")]
+    assert nll.endswith("  (k=5, 50 images)")
+
+
+def test_a_preset_is_the_starting_point_that_flags_override(capsys, mlflow_uri, tmp_path):
+    assert main([*train(preset="seed-vae", latent=None, batch_size=128), "--results", str(tmp_path)]) == 0
+    run_id = re.search(r"^mlflow run: (\w+) ", capsys.readouterr().out, re.M).group(1)
+    run = tracking.connect(mlflow_uri).get_run(run_id)
+    params = run.data.params
+    assert (params["latent"], params["lr"], params["loss"], params["arch"]) == ("32", "0.0001", "seed-bce", "seed")
+    assert params["batch_size"] == "128"  # the flag, not the preset's 64
+    assert run.data.tags["vaebench.preset"] == "seed-vae"
+
+
+def test_a_dry_run_prints_every_cell_and_trains_nothing(capsys, tmp_path):
+    assert main(["sweep", str(SMOKE), "--dry-run", "--results", str(tmp_path / "results")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    header = out.index("#  model  loss  seed")
+    rows = [line.split() for line in out[header + 1:out.index("", header)]]
+    assert rows == [[str(i), model, loss, "0"] for i, (model, loss) in enumerate(
+        (m, l) for m in ("vae", "cvae", "ae") for l in ("bce", "mse"))]
+    assert "6 cells (6 grid points x 1 seed) x 1 trial = 6 runs" in out
+    assert not (tmp_path / "results").exists()
+
+
+def test_list_names_every_model(capsys):
+    assert main(["list", "models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"models ({len(MODELS)}):"
+    assert [line.split()[0] for line in lines[1:]] == MODELS.names()
+
+
+def test_list_filters_names_with_a_pattern(capsys):
+    assert main(["list", "losses", "b*"]) == 0
+    assert capsys.readouterr().out == f"losses (1):\n  {'bce':<14} {LOSSES.entry('bce').summary}\n"
+
+
+REAL_LOAD = bench.data.load_dataset
+
+
+def padded_digits(name, binarize="none", root=None):
+    """Digits padded to 10x10 images: a size the conv architecture (stride 4) cannot take.
+    Every shipped dataset fits every architecture (digits are 8x8, the rest 28x28)."""
+    data = REAL_LOAD(name, binarize, root)
+    pad = {split: dataclasses.replace(getattr(data, split), x=F.pad(getattr(data, split).x, (1, 1, 1, 1)))
+           for split in ("train", "val", "test")}
+    return dataclasses.replace(data, **pad)
+
+
+def unlabelled_digits(name, binarize="none", root=None):
+    """Digits without labels (num_classes 0): every shipped dataset is labelled."""
+    return dataclasses.replace(REAL_LOAD(name, binarize, root), num_classes=0)
+
+
+@pytest.mark.parametrize("load, args, message", [
+    (padded_digits, train(arch="conv"),
+     "bench: error: arch 'conv' needs image height and width divisible by 4, got 10x10; use an MLP "
+     "architecture (seed, kw, iwae, gated) for this dataset"),
+    (unlabelled_digits, train(model="cvae"),
+     "bench: error: model 'cvae' needs a labelled dataset; 'digits' has no labels"),
+], ids=["arch cannot take the image size", "cvae on unlabelled data"])
+def test_an_impossible_model_for_the_data_is_one_line(monkeypatch, capsys, tmp_path, load, args, message):
+    monkeypatch.setattr(bench.data, "load_dataset", load)
+    assert main([*args, "--results", str(tmp_path / "results")]) == 2
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == ("", message + "\n")
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_cvae_needs_labels():
+    cfg = RunConfig(model="cvae", dataset="digits", latent=2)
+    with pytest.raises(ConfigError, match="model 'cvae' needs a labelled dataset; 'digits' has no labels"):
+        create_model(cfg, (1, 8, 8), num_classes=0)
+    assert create_model(cfg, (1, 8, 8), num_classes=10).conditional
+

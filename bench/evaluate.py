@@ -1,7 +1,8 @@
 """Evaluation: named metric functions over (model, images, labels), registered in METRICS.
 
 Metric names used everywhere after this (tracking, reports):
-- `elbo` (nats per image, higher is better), `recon` (-log p(x|z)), `kl` (analytic),
+- `elbo` (nats per image, higher is better; one-sample log p(x,z) - log q(z|x), exact when q is
+  the posterior), `recon` (-log p(x|z)), `kl` (analytic),
 - `nll` (-log p(x) estimated with k importance samples, lower is better) with `nll_k` beside it,
 - `bits_per_dim` (nll, or -elbo without an nll, divided by D ln 2),
 - `active_units` (Burda et al.: dimensions with Cov_x(E_q[z_u]) > 0.01),
@@ -63,13 +64,18 @@ def reconstruction_errors(model, x, y=None) -> tuple[torch.Tensor, torch.Tensor]
 
 @torch.no_grad()
 def elbo_terms(model, x, y=None, generator=None) -> dict[str, torch.Tensor]:
-    """Per-image ELBO = -(recon + KL) with one reparameterised sample and beta = 1."""
+    """Per-image ELBO (beta = 1) from one sample z ~ q(z|x): log p(x|z) + log p(z) - log q(z|x).
+
+    This estimator (the k = 1 bound of Burda et al.) is unbiased and, unlike the one with the
+    analytic KL, exact for every sample when q is the true posterior. `recon` is -log p(x|z)
+    at the same z and `kl` the analytic KL, so -(recon + kl) equals the ELBO in expectation."""
     y = _labels(model, y)
     mu, sigma = model.encode(x, y)
     eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-    recon = model.likelihood(model.decode(mu + sigma * eps, y), x)
-    kl = gaussian_kl(mu, sigma).sum(1)
-    return {"elbo": -(recon + kl), "recon": recon, "kl": kl}
+    z = mu + sigma * eps
+    recon = model.likelihood(model.decode(z, y), x)
+    elbo = -recon + log_normal(z) - log_normal(z, mu, sigma)
+    return {"elbo": elbo, "recon": recon, "kl": gaussian_kl(mu, sigma).sum(1)}
 
 
 @torch.no_grad()

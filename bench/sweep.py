@@ -164,6 +164,9 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str) -> tuple[opt
     exp_id = tracking.experiment_id(client, spec.name, {"vaebench.spec_sha256": spec.sha256})
     parent = tracking.study_run(client, exp_id, spec.name, {"vaebench.spec": spec.path or "<dict>",
                                                               "vaebench.dataset": spec.dataset})
+    # the dataset's rows in the store, made here once: concurrent first logs of one dataset
+    # from several workers collide on MLflow's unique key
+    tracking.log_dataset(client, parent, load_dataset(spec.dataset, spec.binarize))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
     queue_missing(spec, study)
@@ -271,10 +274,12 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
         trial.set_user_attr(REASON, f"pruned: {e}")
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED, None
-    except (BenchError, RuntimeError, ValueError) as e:
-        trial.set_user_attr(REASON, str(e).splitlines()[0][:1000])
+    except Exception as e:  # noqa: BLE001 - any error fails this trial, not the worker
+        reason = str(e).splitlines()[0][:1000] if str(e) else type(e).__name__
+        reason = reason if isinstance(e, BenchError) else f"{type(e).__name__}: {reason}"
+        trial.set_user_attr(REASON, reason)
         study.tell(trial, state=TrialState.FAIL)
-        return TrialState.FAIL, str(e)
+        return TrialState.FAIL, reason
     except BaseException:
         trial.set_user_attr(REASON, "interrupted")
         study.tell(trial, state=TrialState.FAIL)
@@ -363,7 +368,7 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
     if any(codes):
         raise StudyError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
                          "(see above); run the same command again to resume")
-    return sum(code == 0 for code in codes) and -1  # -1: `outcome` counts them from the storage
+    return -1  # the processes ran the trials: `outcome` counts them from the storage
 
 
 def load_any_spec(path: str | Path) -> StudySpec:

@@ -158,7 +158,11 @@ def log_dataset(client: MlflowClient, run_id: str, data) -> None:
         ds = mlflow.data.from_numpy(split.x.flatten(1).numpy(), targets=split.y.numpy(),
                                     source=data.source, name=f"{data.name}-{data.binarize}-{context}")
         inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
-    client.log_inputs(run_id, datasets=inputs)
+    try:
+        client.log_inputs(run_id, datasets=inputs)
+    except MlflowException:  # another process created the same dataset row just now
+        time.sleep(0.5)
+        client.log_inputs(run_id, datasets=inputs)
 
 
 def log_image(client: MlflowClient, run_id: str, key: str, image: np.ndarray, step: int) -> None:

@@ -50,8 +50,9 @@ def test_history_has_the_metrics_of_every_epoch(digits, name):
         assert expected <= set(epoch)
         assert all(math.isfinite(epoch[k]) for k in expected)
         assert epoch["seconds"] > 0 and epoch["samples_per_s"] > 0
-        if variational:  # the ELBO is minus recon minus KL, per image
-            assert epoch["val/elbo"] == pytest.approx(-(epoch["val/recon"] + epoch["val/kl"]))
+        if variational:  # minus recon minus KL in expectation; the sampled ELBO adds the
+            # Monte Carlo error of its KL part, about 0.06 nats here (269 images, latent 2)
+            assert epoch["val/elbo"] == pytest.approx(-(epoch["val/recon"] + epoch["val/kl"]), abs=0.5)
         else:
             assert "val/elbo" not in epoch and "val/kl" not in epoch  # absent, never 0
     assert result.selection == ("val/elbo" if variational else "val/recon")

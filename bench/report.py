@@ -1014,7 +1014,9 @@ def _document(experiment, uri, runs, summary, paired, figures, study_tags) -> Do
     unfair = summary[(summary["metric"] == "test/nll") & ~summary["proper_density"]]
     doc.paragraph("Likelihoods in nats (test/elbo, test/nll, test/recon) are comparable across "
                   "losses only where each is a normalised density on the data: bce on binary data, "
-                  "mse/gaussian/laplace on continuous data, cbernoulli on both. "
+                  "mse/gaussian/laplace/cbernoulli on continuous (grey) data, as each loss "
+                  "declares in bench/losses.py (a density on [0,1] is not a probability of a "
+                  "binary image). "
                   + (f"Here that fails for {len(unfair)} cell(s): "
                      + ", ".join(cell_label(unfair, axes)) + "; their nats are marked † and left "
                      "out of cross-loss differences." if len(unfair) else

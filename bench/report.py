@@ -501,6 +501,17 @@ def _figure(height_in: float, width_in: float = WIDTH_IN) -> Figure:
     return Figure(figsize=(width_in, height_in), dpi=DPI, layout="constrained")
 
 
+def _panels(count: int, row_height_in: float, columns: int = 4):
+    """A figure with `count` panels, at most `columns` a row; unused cells are hidden."""
+    ncols = min(count, columns)
+    nrows = math.ceil(count / ncols)
+    fig = _figure(row_height_in * nrows + 0.8)
+    grid = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in grid.flat[count:]:
+        ax.set_visible(False)
+    return fig, grid
+
+
 def _style():
     return sns.axes_style("whitegrid")
 
@@ -556,13 +567,8 @@ def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> t
     done = done.assign(_series=cell_label(done, series_axes), _x=done[x] if numeric else 0)
     colors, styles = _series_styles(done, done["_series"])
     series = list(colors)
-    ncols = min(len(panels), 4)
-    nrows = math.ceil(len(panels) / ncols)
     with _style():
-        fig = _figure(4.2 * nrows + 0.8)
-        grid = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in grid.flat[len(panels):]:
-            ax.set_visible(False)
+        fig, grid = _panels(len(panels), 4.2)
         improper_seen = False
         for ax, metric in zip(grid.flat, panels):
             for i, name in enumerate(series):
@@ -672,13 +678,8 @@ def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     facets = list(dict.fromkeys(done["_facet"]))
     lowest, highest = done["objective"].min(), done["objective"].max()
     cmap = "viridis" if context.direction == "maximize" else "viridis_r"  # bright = better
-    ncols = min(len(facets), 4)
-    nrows = math.ceil(len(facets) / ncols)
     with _style():
-        fig = _figure(3.4 * nrows + 0.8)
-        grid = fig.subplots(nrows, ncols, squeeze=False)
-        for ax in grid.flat[len(facets):]:
-            ax.set_visible(False)
+        fig, grid = _panels(len(facets), 3.4)
         for i, (ax, name) in enumerate(zip(grid.flat, facets)):
             part = done[done["_facet"] == name]
             agg = part.groupby(["loss", "latent"]).agg(

@@ -48,12 +48,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from bench.config import BINARIZATIONS  # noqa: F401  (re-exported: one list of modes)
 from bench.errors import DataError
 from bench.registry import DATASETS
 
 log = logging.getLogger(__name__)
 
-BINARIZATIONS = ("none", "static", "dynamic")
 BINARIZE_SEEDS = {"train": 0, "val": 1, "test": 2}  # fixed, so binary data is the same in every run
 SPLIT_SEED = 0  # the permutation behind the mnist5k and digits splits
 

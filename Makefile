@@ -10,7 +10,7 @@ PORT   ?= 5000
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install sweep test test-fast report paper ui dashboard clean
+.PHONY: help install sweep test test-fast report paper reproduce ui dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,11 @@ report: $(STAMP)  ## write the report of the last study to results/reports/
 
 paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the published numbers
 	$(BIN)/bench table all --results $(RESULTS)
+
+reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, in the background (resumes)
+	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \
+		>> $(RESULTS)/reproduce-exemplar2020.log 2>&1 &
+	@echo "training in the background; progress: tail -f $(RESULTS)/reproduce-exemplar2020.log"
 
 ui: $(STAMP)  ## browse the runs: mlflow ui on the study's store (127.0.0.1:5000 by default)
 	$(BIN)/bench ui --results $(RESULTS) --host $(HOST) --port $(PORT)

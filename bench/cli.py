@@ -107,7 +107,7 @@ def cmd_sweep(args):
     results = _results(args)
     try:
         out = sweep.run_study(spec, results=results, workers=args.workers, storage=args.storage,
-                              tracking_uri_=args.tracking_uri)
+                              tracking_uri_=args.tracking_uri, restart=args.restart)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept; run the same command again to resume "
               f"({args.spec})", file=sys.stderr)
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "sweep":
             p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1; 0 only queues the cells for `bench worker`)")
             p.add_argument("--dry-run", action="store_true", help="print the cells and a time estimate only")
+            p.add_argument("--restart", action="store_true",
+                           help="delete the study's trials and MLflow runs first (after changing its spec on purpose)")
         else:
             p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
             p.add_argument("--worker-id", type=int, default=1)

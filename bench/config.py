@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from bench.errors import ConfigError
 
 BINARIZATIONS = ("none", "static", "dynamic")
+WARMUP_SCHEDULES = ("step", "epoch")
+OPTIMIZERS = ("adam", "adamnormgrad")
 
 
 @dataclass(frozen=True)
@@ -25,9 +27,13 @@ class RunConfig:
     # objective
     beta: float = 1.0           # KL weight (beta-VAE); 1 gives the ELBO
     warmup_epochs: int = 0      # KL weight rises linearly from 0 to beta over this many epochs
+    warmup_schedule: str = "step"  # step: the weight rises every step; epoch: beta * epoch / warmup_epochs
+                                   # held for the whole epoch (the VampPrior / Exemplar VAE code)
     k: int = 1                  # importance samples per image in the training bound (iwae)
     # optimisation
     lr: float = 1e-3            # Adam learning rate
+    optimizer: str = "adam"     # adam | adamnormgrad (each gradient scaled to unit L2 norm first,
+                                # as the VampPrior / Exemplar VAE code's AdamNormGrad)
     weight_decay: float = 0.0   # Adam weight decay
     batch_size: int = 64
     epochs: int = 10
@@ -54,8 +60,10 @@ class RunConfig:
             raise ConfigError("beta and weight_decay must be >= 0")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
-        if self.binarize not in BINARIZATIONS:
-            raise ConfigError(f"binarize must be one of {', '.join(BINARIZATIONS)}, got {self.binarize!r}")
+        for name, allowed in (("binarize", BINARIZATIONS), ("warmup_schedule", WARMUP_SCHEDULES),
+                              ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
     def replace(self, **changes) -> "RunConfig":
         unknown = sorted(set(changes) - set(field_names()))
@@ -72,6 +80,14 @@ class RunConfig:
     @classmethod
     def from_dict(cls, values: dict) -> "RunConfig":
         return cls().replace(**values)
+
+
+def config_changes(saved: dict, cfg: RunConfig) -> dict[str, tuple]:
+    """{field: (saved value, cfg's value)} where a saved config differs from `cfg`. A field the
+    saved one lacks (added to RunConfig since) counts as its default: defaults of new fields
+    keep the old behaviour, so old runs, specs and saved states stay comparable."""
+    defaults = RunConfig().to_dict()
+    return {k: (saved.get(k, defaults[k]), v) for k, v in cfg.to_dict().items() if saved.get(k, defaults[k]) != v}
 
 
 def field_names() -> list[str]:

@@ -35,9 +35,13 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats and fail_stale_trials are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
-HEARTBEAT_S = 20      # RDB storages: a running trial records a heartbeat this often...
-GRACE_S = 60          # ...and is failed (then retried) once it has been silent this long
+# A running trial beats this often, and is failed (then retried, resuming from its saved state)
+# once silent this long; the environment may shorten both (the recovery tests do).
+HEARTBEAT_S = int(os.environ.get("VAEBENCH_HEARTBEAT_S", 20))
+GRACE_S = int(os.environ.get("VAEBENCH_GRACE_S", 60))
 CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
+IDENTITY = "identity"  # JSON of everything that shapes the cell's runs (see `identity`)
+BEAT = "heartbeat"     # wall-clock time of the last beat, where the storage has no heartbeats
 SPEC_HASH = "spec_sha256"
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
@@ -125,42 +129,71 @@ def _slots(spec: StudySpec) -> list[tuple[str, int, dict]]:
     return [(cell.key, slot, cell.as_dict()) for cell in spec.cells() for slot in range(spec.trials_per_cell)]
 
 
+def identity(spec: StudySpec, cell) -> dict:
+    """Everything that shapes a cell's runs: its whole RunConfig (fixed fields, epochs, dataset,
+    binarisation, seed), the objective and the search space. Two trials of a cell with different
+    identities are different experiments and never stand in for each other."""
+    search = spec.to_dict().get("search")
+    return {"config": spec.config(cell).to_dict(), "objective": spec.objective, "direction": spec.direction,
+            "search": search}
+
+
+def identity_changes(old: dict, new: dict) -> list[str]:
+    """What differs between two identities, as `name: old -> new`. A config field missing from
+    `old` (added to RunConfig since) counts as its default, which keeps the old behaviour."""
+    from bench.config import RunConfig, config_changes
+
+    changed = config_changes(old.get("config", {}), RunConfig.from_dict(new["config"]))
+    changes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()]
+    changes += [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("objective", "direction", "search")
+                if old.get(k) != new[k]]
+    return changes
+
+
 def queue_missing(spec: StudySpec, study: optuna.Study) -> tuple[int, int]:
     """Enqueue every (cell, slot) without a done, waiting or running trial. Returns
-    (number enqueued, number already done)."""
+    (number enqueued, number already done). Refuses (StudyError) when a done trial was trained
+    under other values than the spec's now: see `identity`."""
     trials = study.get_trials(deepcopy=False)
     by_slot: dict[tuple[str, int], list] = {}
     for t in trials:
         by_slot.setdefault((t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0)), []).append(t)
     enqueued = done = 0
+    spec_cells = {cell.key: cell for cell in spec.cells()}
     for key, slot, params in _slots(spec):
-        states = [t.state for t in by_slot.get((key, slot), [])]
+        current = identity(spec, spec_cells[key])
+        slot_trials = by_slot.get((key, slot), [])
+        for t in slot_trials:
+            old = json.loads(t.user_attrs[IDENTITY]) if IDENTITY in t.user_attrs else None
+            if old is not None and t.state != TrialState.FAIL and (changes := identity_changes(old, current)):
+                raise StudyError(f"study {spec.name!r} already holds cell {key} trained with other values "
+                                 f"({'; '.join(changes[:4])}); give the changed spec a new [study] name, or "
+                                 "pass --restart to delete this study's trials and runs and start over")
+        states = [t.state for t in slot_trials]
         if any(s in DONE_STATES for s in states):
             done += 1
             continue
         if any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
             continue
-        study.enqueue_trial(params=params, user_attrs={CELL: key, SLOT: slot, ATTEMPT: len(states) + 1},
+        study.enqueue_trial(params=params, user_attrs={CELL: key, SLOT: slot, ATTEMPT: len(states) + 1,
+                                                       IDENTITY: json.dumps(current, sort_keys=True)},
                             skip_if_exists=False)
         enqueued += 1
     return enqueued, done
 
 
-def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str) -> tuple[optuna.Study, str, str]:
+def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
+            restart: bool = False) -> tuple[optuna.Study, str, str]:
     """Create (or reopen) the study, the MLflow experiment and the study's parent run, fail what
     crashed workers left running, and queue the missing cells. Runs in one process first,
-    before any worker, since creating a new store from several processes at once crashes."""
+    before any worker, since creating a new store from several processes at once crashes.
+    `restart` first deletes the study's trials and its MLflow runs (a spec changed on purpose)."""
     storage = open_storage(storage_url_)
-    study = open_study(spec, storage, create=True)
-    recorded = study.user_attrs.get(SPEC_HASH)
-    if recorded and recorded != spec.sha256:
-        print(f"note: {spec.path or spec.name} changed since this study was created; finished cells "
-              "are kept, new or changed cells are queued", file=sys.stderr)
-    study.set_user_attr(SPEC_HASH, spec.sha256)
-    study.set_user_attr("spec", json.dumps(spec.to_dict()))
-    study.set_user_attr("dataset", spec.dataset)
-    optuna.storages.fail_stale_trials(study)
     client = tracking.connect(tracking_uri_)
+    if restart:
+        _delete_study(spec, storage, client)
+    study = open_study(spec, storage, create=True)
+    fail_stale(study, storage)
     exp_id = tracking.experiment_id(client, spec.name, {"vaebench.spec_sha256": spec.sha256})
     parent = tracking.study_run(client, exp_id, spec.name, {"vaebench.spec": spec.path or "<dict>",
                                                               "vaebench.dataset": spec.dataset})
@@ -169,8 +202,50 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str) -> tuple[opt
     tracking.log_dataset(client, parent, load_dataset(spec.dataset, spec.binarize))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
-    queue_missing(spec, study)
+    queue_missing(spec, study)  # refuses a changed spec before the study records it
+    study.set_user_attr(SPEC_HASH, spec.sha256)
+    study.set_user_attr("spec", json.dumps(spec.to_dict()))
+    study.set_user_attr("dataset", spec.dataset)
     return study, exp_id, parent
+
+
+def _delete_study(spec: StudySpec, storage, client) -> None:
+    """Delete the Optuna study and mark its MLflow trial runs deleted (kept in the store's
+    trash, out of every report)."""
+    try:
+        optuna.delete_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        pass
+    found = client.get_experiment_by_name(spec.name)
+    if found is not None and found.lifecycle_stage == "active":
+        for run in tracking.trial_runs(client, found.experiment_id, spec.name):
+            client.delete_run(run.info.run_id)
+
+
+def fail_stale(study: optuna.Study, storage) -> int:
+    """Fail the RUNNING trials whose worker died: silent for GRACE_S. RDB storages through
+    Optuna's heartbeats; storages without them (journal files) through the wall-clock beat each
+    worker writes into its trial's system attributes. Returns how many were failed."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    if _heartbeats(storage):
+        optuna.storages.fail_stale_trials(study)
+        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+        return sum(1 for t in running if t.number not in still)
+    failed = 0
+    for t in running:
+        beat = t.system_attrs.get(BEAT, t.datetime_start.timestamp() if t.datetime_start else 0.0)
+        if time.time() - beat > GRACE_S:
+            try:
+                failed += bool(storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass
+    return failed
+
+
+def _heartbeats(storage) -> bool:
+    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
+
+    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
 
 
 # ---------------------------------------------------------------- workers
@@ -191,22 +266,30 @@ def _take_queued(study: optuna.Study) -> optuna.Trial | None:
 
 
 class _Heartbeat:
-    """Records the trial's heartbeat while it trains, so a killed worker's trial is failed and
-    retried by the next coordinator (RDB storages only)."""
+    """Beats for the trial while it trains, so a killed worker's trial is failed and retried by
+    the next coordinator: Optuna's heartbeat on RDB storages, else a wall-clock time in the
+    trial's system attributes (journal files), which `fail_stale` reads. `storage` is the one
+    the worker opened, not `study._storage` (Optuna's caching wrapper around it)."""
 
-    def __init__(self, study: optuna.Study, trial: optuna.Trial):
-        self.storage, self.trial_id = study._storage, trial._trial_id
+    def __init__(self, storage, trial: optuna.Trial):
+        self.storage, self.trial_id = storage, trial._trial_id
+        self.native = _heartbeats(storage)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self):
         while not self.stop.is_set():
-            self.storage.record_heartbeat(self.trial_id)
+            try:
+                if self.native:
+                    self.storage.record_heartbeat(self.trial_id)
+                else:
+                    self.storage.set_trial_system_attr(self.trial_id, BEAT, time.time())
+            except Exception:  # noqa: BLE001 - a lost beat is retried; the trial goes on
+                pass
             self.stop.wait(HEARTBEAT_S)
 
     def __enter__(self):
-        if isinstance(self.storage, optuna.storages.RDBStorage):
-            self.thread.start()
+        self.thread.start()
         return self
 
     def __exit__(self, *exc):
@@ -225,7 +308,8 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
         torch.set_num_threads(threads)
     spec = resolve(spec)
     url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
-    study = open_study(spec, open_storage(url), create=False)
+    storage = open_storage(url)
+    study = open_study(spec, storage, create=False)
     recorded = study.user_attrs.get(SPEC_HASH)
     if recorded and recorded != spec.sha256:
         raise StudyError(f"study {spec.name!r} was queued from a different spec (sha256 {recorded[:12]}, "
@@ -238,7 +322,7 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     ran = 0
     while (trial := _take_queued(study)) is not None:
         started = time.perf_counter()
-        with _Heartbeat(study, trial):
+        with _Heartbeat(storage, trial):
             state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results)
         ran += 1
         if progress:
@@ -266,10 +350,11 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
             "vaebench.grid_key": cell.grid_key, "vaebench.slot": trial.user_attrs.get(SLOT, 0),
             "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
+    resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(SLOT, 0), cfg, results)
     try:
         outcome = run_tracked(cfg, data, client=client, exp_id=exp_id, parent_run_id=parent, results=results,
                               run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
-                              stop_exceptions=(optuna.TrialPruned,), progress=False)
+                              stop_exceptions=(optuna.TrialPruned,), progress=False, resume_run_id=resume)
     except optuna.TrialPruned as e:
         trial.set_user_attr(REASON, f"pruned: {e}")
         study.tell(trial, state=TrialState.PRUNED)
@@ -291,6 +376,21 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
         trial.set_user_attr(name, metric)
     study.tell(trial, value)
     return TrialState.COMPLETE, value
+
+
+def resumable(client, exp_id: str, spec: StudySpec, cell, slot: int, cfg, results) -> str | None:
+    """The run of an earlier, unfinished attempt at (cell, slot) whose saved training state
+    matches `cfg`: the retried trial continues it instead of starting at epoch 1."""
+    from bench.train import STATE_FILE, load_state
+
+    run_id = tracking.resumable_run(client, exp_id, spec.name, cell.key, slot)
+    if run_id is None:
+        return None
+    path = Path(results) / "checkpoints" / run_id / STATE_FILE
+    try:
+        return run_id if load_state(path, cfg) is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable state is not resumed from, never fatal
+        return None
 
 
 def _report_progress(spec, study, trial, state, value, seconds, total, worker):
@@ -316,7 +416,7 @@ def _duration(seconds: float) -> str:
 
 def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int = 1,
               storage: str | None = None, tracking_uri_: str | None = None,
-              progress: bool = True) -> StudyOutcome:
+              progress: bool = True, restart: bool = False) -> StudyOutcome:
     """Prepare the study, run `workers` local worker processes (in this process for 1; none for
     0, which only queues the cells for `bench worker`s) until the queue is empty, and return
     what the study holds."""
@@ -324,7 +424,7 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
     spec = resolve(spec)
     results = Path(results)
     url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
-    study, exp_id, parent = prepare(spec, url, uri)
+    study, exp_id, parent = prepare(spec, url, uri, restart=restart)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if progress:
         total = len(_slots(spec))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import random
 import sys
 import time
@@ -19,7 +20,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from bench.config import RunConfig
+from bench.config import RunConfig, config_changes
 from bench.errors import ConfigError, DivergedError
 from bench.evaluate import EVAL_SEED, elbo_terms, reconstruction_errors
 from bench.models import create_model
@@ -37,6 +38,7 @@ class TrainResult:
     device: str
     stopped_early: bool = False
     checkpoints: dict[str, str] = field(default_factory=dict)
+    resumed_from: int = 0            # the epoch a saved state resumed from (0: trained from scratch)
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -63,10 +65,13 @@ def seed_everything(seed: int) -> None:
 
 
 def kl_weight(cfg: RunConfig, epoch: int, fraction: float = 0.0) -> float:
-    """Linear warm-up: beta * min(1, (epoch - 1 + fraction) / warmup_epochs); epochs count from 1."""
+    """KL warm-up; epochs count from 1. `step`: beta * min(1, (epoch - 1 + fraction) / warmup),
+    rising every step; `epoch`: beta * min(1, epoch / warmup) for the whole epoch, as the
+    VampPrior / Exemplar VAE code sets it (1/100 in epoch 1, beta from epoch 100 on)."""
     if cfg.warmup_epochs <= 0:
         return cfg.beta
-    return cfg.beta * min(1.0, (epoch - 1 + fraction) / cfg.warmup_epochs)
+    progress = epoch if cfg.warmup_schedule == "epoch" else epoch - 1 + fraction
+    return cfg.beta * min(1.0, progress / cfg.warmup_epochs)
 
 
 def selection_metric(model) -> tuple[str, str]:
@@ -101,6 +106,15 @@ def _adam(params, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer
         return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def normalise_gradients(params: list[torch.Tensor]) -> None:
+    """g <- g / (||g||_2 + 1e-7) per parameter tensor: AdamNormGrad's step before Adam's."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        norms = torch._foreach_norm(grads)
+        torch._foreach_add_(norms, 1e-7)
+        torch._foreach_div_(grads, norms)
+
+
 class _Progress:
     """One self-rewriting status line on a terminal; silent otherwise."""
 
@@ -117,18 +131,62 @@ class _Progress:
             sys.stderr.write("\n")
 
 
+STATE_FILE = "state.pt"   # the whole training state, for resuming a killed trial
+# written at most this often (and at the last epoch); the recovery tests set 0 (every epoch)
+STATE_EVERY_S = float(os.environ.get("VAEBENCH_STATE_EVERY_S", 30))
+
+
+def _rng_states(device: torch.device, order_gen: torch.Generator) -> dict:
+    states = {"torch": torch.get_rng_state(), "order": order_gen.get_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _set_rng_states(states: dict, device: torch.device, order_gen: torch.Generator) -> None:
+    torch.set_rng_state(states["torch"])
+    order_gen.set_state(states["order"])
+    if device.type == "cuda" and "cuda" in states:
+        torch.cuda.set_rng_state(states["cuda"], device)
+
+
+def save_state(path: Path, state: dict) -> None:
+    """Write atomically (temp file, then rename), so a kill mid-write leaves the last state."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path, cfg: RunConfig) -> dict | None:
+    """The saved state of `cfg`'s trial, or None when there is none or it belongs to another
+    config (never resume across a changed config)."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state if not config_changes(state.get("config", {}), cfg) else None
+
+
 def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module], None] | None = None,
-        checkpoint_dir: str | Path | None = None, progress: bool | None = None) -> TrainResult:
+        checkpoint_dir: str | Path | None = None, progress: bool | None = None,
+        on_saved: Callable[[int], None] | None = None, state_every_s: float = STATE_EVERY_S) -> TrainResult:
     """Train `cfg` on `data` (a bench.data.Dataset) and return the history and best model.
 
     `on_epoch(epoch, metrics, model)` is called after each epoch; it may raise to stop the
-    trial (for example optuna.TrialPruned). A NaN or infinite loss raises DivergedError."""
+    trial (for example optuna.TrialPruned); it cannot disturb training (the random state is
+    restored after it). A NaN or infinite loss raises DivergedError.
+
+    With `checkpoint_dir`, the whole training state (model, optimizer, random states, early
+    stopping, history) is written to `state.pt` there every `state_every_s` seconds and at the
+    end, then `on_saved(epoch)` is called; a later call with the same config and directory
+    resumes from it and ends with exactly the numbers of an uninterrupted run."""
     from bench.data import binarize_batch
 
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     model = create_model(cfg, data.image_shape, data.num_classes).to(device)
-    optimizer = _adam(model.parameters(), cfg, device)
+    params = list(model.parameters())
+    optimizer = _adam(params, cfg, device)
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     x_val, y_val = data.val.x.to(device), data.val.y.to(device)
     dynamic = data.binarize == "dynamic"
@@ -142,11 +200,38 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
     sign = 1.0 if direction == "maximize" else -1.0
     best_value, best_epoch, best_state = -math.inf, 0, None
     history: list[dict] = []
+    stopped_early, bad_epochs, first_epoch, elapsed = False, 0, 1, 0.0
+    state_path = Path(checkpoint_dir) / STATE_FILE if checkpoint_dir is not None else None
+    saved = load_state(state_path, cfg) if state_path is not None else None
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        _set_rng_states(saved["rng"], device, order_gen)
+        best_value, best_epoch, best_state = saved["best_value"], saved["best_epoch"], saved["best_model"]
+        history, bad_epochs, stopped_early = saved["history"], saved["bad_epochs"], saved["stopped_early"]
+        first_epoch, elapsed = saved["epoch"] + 1, saved["seconds"]
+    normgrad = cfg.optimizer == "adamnormgrad"
     bar = _Progress(progress)
-    started = time.perf_counter()
-    stopped_early, bad_epochs = False, 0
+    started = time.perf_counter() - elapsed
+    last_save = time.monotonic()
+
+    def save(epoch: int) -> None:
+        nonlocal last_save
+        if state_path is None:
+            return
+        save_state(state_path, {"config": cfg.to_dict(), "epoch": epoch, "model": model.state_dict(),
+                                "optimizer": optimizer.state_dict(), "rng": _rng_states(device, order_gen),
+                                "best_value": best_value, "best_epoch": best_epoch, "best_model": best_state,
+                                "history": history, "bad_epochs": bad_epochs, "stopped_early": stopped_early,
+                                "seconds": time.perf_counter() - started})
+        last_save = time.monotonic()
+        if on_saved is not None:
+            on_saved(epoch)
+
     try:
-        for epoch in range(1, cfg.epochs + 1):
+        for epoch in range(first_epoch, cfg.epochs + 1):
+            if stopped_early:
+                break
             model.train()
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=order_gen, device=device)
@@ -164,6 +249,8 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
                                         "use a bounded likelihood", epoch=epoch, step=step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if normgrad:
+                    normalise_gradients(params)
                 optimizer.step()
                 loss_sum += loss.detach() * len(idx)
                 if bar.enabled and step % 20 == 0:
@@ -185,11 +272,16 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
                 best_state = copy.deepcopy(model.state_dict())
             else:
                 bad_epochs += 1
+            if epoch < cfg.warmup_epochs:  # the bound is not comparable while beta still moves
+                bad_epochs = 0
             if on_epoch is not None:
+                rng = _rng_states(device, order_gen)
                 on_epoch(epoch, metrics, model)
+                _set_rng_states(rng, device, order_gen)
             if cfg.patience and bad_epochs >= cfg.patience:
                 stopped_early = True
-                break
+            if stopped_early or epoch == cfg.epochs or time.monotonic() - last_save >= state_every_s:
+                save(epoch)
     finally:
         bar.close()
     last_state = copy.deepcopy(model.state_dict()) if checkpoint_dir is not None else None
@@ -201,7 +293,7 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
     if checkpoint_dir is not None:
         checkpoints = save_checkpoints(Path(checkpoint_dir), cfg, last_state, model.state_dict())
     return TrainResult(model, history, best_epoch, selection, time.perf_counter() - started,
-                       str(device), stopped_early, checkpoints)
+                       str(device), stopped_early, checkpoints, resumed_from=first_epoch - 1)
 
 
 @torch.no_grad()

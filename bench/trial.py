@@ -16,7 +16,7 @@ from bench.errors import DivergedError
 from bench.evaluate import Evaluation, evaluate
 from bench.models import create_model
 from bench.registry import MODELS
-from bench.train import TrainResult, fit, resolve_device
+from bench.train import STATE_FILE, TrainResult, fit, load_state, resolve_device
 
 FIXED_EXAMPLES = 10  # test images shown in the recon/interpolation grids of every run
 
@@ -73,35 +73,56 @@ def check_config(cfg: RunConfig, data) -> None:
 def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
                 parent_run_id: str | None = None, tags: dict | None = None,
                 on_epoch: Callable | None = None, stop_exceptions: tuple = (),
-                progress: bool | None = None, log_images: bool = True) -> TrialOutcome:
-    """Train and evaluate `cfg` inside a new MLflow run and return the outcome.
+                progress: bool | None = None, log_images: bool = True,
+                resume_run_id: str | None = None) -> TrialOutcome:
+    """Train and evaluate `cfg` inside a new MLflow run (or continue `resume_run_id`, whose
+    saved training state is picked up) and return the outcome.
 
     The run ends FINISHED with test metrics and the model, FAILED with a reason tag on
     divergence or error, or KILLED when `on_epoch` raised one of `stop_exceptions` (pruning)
-    or the user interrupted."""
+    or the user interrupted. Epoch metrics and pictures reach MLflow only once the training
+    state that produced them is saved, so a resumed run never logs an epoch twice."""
     check_config(cfg, data)
-    run_id = tracking.start_trial_run(client, exp_id, cfg, run_name=run_name, parent_run_id=parent_run_id,
-                                      tags={"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
-                                            "vaebench.data_source": data.source,
-                                            "vaebench.training_objective": training_objective(cfg),
-                                            **(tags or {})})
+    run_tags = {"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
+                "vaebench.data_source": data.source, "vaebench.training_objective": training_objective(cfg),
+                **(tags or {})}
+    if resume_run_id:
+        run_id = resume_run_id
+        tracking.reopen_run(client, run_id, {k: str(v) for k, v in run_tags.items()})
+    else:
+        run_id = tracking.start_trial_run(client, exp_id, cfg, run_name=run_name, parent_run_id=parent_run_id,
+                                          tags=run_tags)
+    checkpoint_dir = Path(results) / "checkpoints" / run_id
     steps = image_steps(cfg.epochs)
+    pending_metrics: dict[int, dict] = {}
+    pending_images: list[tuple[str, object, int]] = []
 
     def after_epoch(epoch: int, metrics: dict, model) -> None:
-        tracking.log_metrics(client, run_id, metrics, step=epoch)
+        pending_metrics[epoch] = metrics
         if log_images and epoch in steps:
-            for key, image in pictures(model, data, seed=cfg.seed).items():
-                tracking.log_image(client, run_id, key, image, step=epoch)
+            pending_images.extend((key, image, epoch) for key, image in pictures(model, data, seed=cfg.seed).items())
         if on_epoch is not None:
             on_epoch(epoch, metrics, model)
 
+    def flush(epoch: int | None = None) -> None:
+        tracking.log_steps(client, run_id, dict(pending_metrics))
+        for key, image, step in pending_images:
+            tracking.log_image(client, run_id, key, image, step=step)
+        pending_metrics.clear()
+        pending_images.clear()
+
     try:
-        tracking.log_dataset(client, run_id, data)
-        result = fit(cfg, data, on_epoch=after_epoch, progress=progress,
-                     checkpoint_dir=Path(results) / "checkpoints" / run_id)
+        if resume_run_id:
+            _log_missing_epochs(client, run_id, cfg, checkpoint_dir)
+        else:
+            tracking.log_dataset(client, run_id, data)
+        result = fit(cfg, data, on_epoch=after_epoch, progress=progress, checkpoint_dir=checkpoint_dir,
+                     on_saved=flush)
         tracking.set_tags(client, run_id, {"vaebench.device": tracking.device_name(result.device),
                                            "vaebench.best_epoch": result.best_epoch,
-                                           "vaebench.selection": result.selection})
+                                           "vaebench.selection": result.selection,
+                                           **({"vaebench.resumed_from_epoch": result.resumed_from}
+                                              if result.resumed_from else {})})
         model = result.model
         test_x, test_y = data.test.x.to(result.device), data.test.y.to(result.device)
         evaluation = evaluate(model, test_x, test_y, k=cfg.eval_k, nll_n=cfg.eval_n, binary_data=data.binary)
@@ -117,8 +138,10 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
                 tracking.log_image(client, run_id, key, image, step=last + 1)
         tracking.log_model(client, run_id, model.cpu(), cfg, data.image_shape, data.num_classes)
         tracking.end_run(client, run_id, "FINISHED")
+        (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)  # best.pt and last.pt stay
         return TrialOutcome(run_id, result, evaluation)
     except stop_exceptions as e:
+        flush()
         tracking.set_tags(client, run_id, {"vaebench.state": "PRUNED"})
         tracking.end_run(client, run_id, "KILLED", f"pruned: {e}")
         raise
@@ -126,9 +149,20 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
         tracking.end_run(client, run_id, "KILLED", "interrupted by the user")
         raise
     except DivergedError as e:
+        flush()
         tracking.set_tags(client, run_id, {"vaebench.state": "DIVERGED"})
         tracking.end_run(client, run_id, "FAILED", str(e))
         raise
     except Exception as e:
         tracking.end_run(client, run_id, "FAILED", f"{type(e).__name__}: {e}")
         raise
+
+
+def _log_missing_epochs(client, run_id: str, cfg: RunConfig, checkpoint_dir: Path) -> None:
+    """Epochs of the saved state that a kill kept from reaching MLflow (saved, not yet logged)."""
+    saved = load_state(checkpoint_dir / STATE_FILE, cfg)
+    if saved is None:
+        return
+    logged = tracking.last_step(client, run_id, "train/loss")
+    tracking.log_steps(client, run_id, {row["epoch"]: {k: v for k, v in row.items() if k != "epoch"}
+                                        for row in saved["history"] if row["epoch"] > logged})

@@ -122,40 +122,6 @@ def test_running_a_finished_study_again_trains_nothing(smoke):
 
 # ---------------------------------------------------------------- resuming after crashes and failures
 
-def test_an_interrupted_cell_and_only_it_runs_again(results, monkeypatch):
-    monkeypatch.setattr(sweep, "HEARTBEAT_S", 1)  # a silent trial is stale after 1 s, not 60 s
-    monkeypatch.setattr(sweep, "GRACE_S", 1)
-    spec = tiny_spec("crash", grid={"model": ["vae", "ae"]})
-    study, exp_id, parent = sweep.prepare(spec, sweep.storage_url(spec, results), tracking.default_uri(results))
-    # A worker claims a cell, records a heartbeat, opens the trial's MLflow run... and is killed.
-    crashed = sweep._take_queued(study)
-    study._storage.record_heartbeat(crashed._trial_id)
-    last_beat = time.monotonic()
-    key = crashed.user_attrs["cell"]
-    client = tracking.connect(tracking.default_uri(results))
-    orphan = tracking.start_trial_run(client, exp_id, spec.config(spec.cell(key)), run_name="crashed",
-                                      parent_run_id=parent, tags={tracking.STUDY: spec.name,
-                                                                  tracking.TRIAL: crashed.number,
-                                                                  tracking.CELL: key})
-    assert sweep.run_worker(spec, results=results, progress=False) == 1  # another worker: the other cell
-    assert [t.state for t in by_cell(optuna_trials(spec, results))[key]] == [TrialState.RUNNING]
-    time.sleep(max(0.0, last_beat + 2.5 - time.monotonic()))  # heartbeats have 1 s resolution
-
-    outcome = sweep.run_study(spec, results=results, progress=False)
-
-    assert (outcome.done, outcome.trained_now, outcome.failed) == (2, 1, [])
-    cells = by_cell(optuna_trials(spec, results))
-    assert [(t.state, t.user_attrs["attempt"]) for t in cells[key]] == [(TrialState.FAIL, 1),
-                                                                         (TrialState.COMPLETE, 2)]
-    [other] = set(cells) - {key}
-    assert [t.state for t in cells[other]] == [TrialState.COMPLETE]
-    assert client.get_run(orphan).info.status == "FAILED"
-    assert client.get_run(orphan).data.tags[tracking.FAIL_REASON] == "the worker stopped before the trial ended"
-    _, _, _, runs = mlflow_study(spec, results)
-    assert sorted((r.data.tags[tracking.CELL], r.info.status) for r in runs) == sorted(
-        [(key, "FAILED"), (key, "FINISHED"), (other, "FINISHED")])
-
-
 def test_a_failing_cell_is_reported_and_retried_alone(results):
     # lr 1e6 with a Gaussian likelihood diverges within the first epoch; lr 1e-3 trains.
     spec = tiny_spec("failing", grid={"lr": [1e-3, 1e6]}, fixed={"loss": "gaussian"}, objective="val/elbo")

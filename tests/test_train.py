@@ -198,3 +198,65 @@ def test_training_uses_the_warm_up_at_every_step(digits, monkeypatch):
     expected = [min(1.0, (epoch + step / STEPS) / 2) for epoch in range(3) for step in range(STEPS)]
     assert weights == pytest.approx(expected)
     assert [e["kl_weight"] for e in result.history] == [0.5, 1.0, 1.0]
+
+
+class Interrupted(Exception):
+    """Stands in for a kill: raised from the epoch callback, before that epoch's state is saved."""
+
+
+def test_a_trial_resumed_from_its_saved_state_ends_with_the_numbers_of_an_uninterrupted_one(tmp_path):
+    data = load_dataset("digits", "dynamic")  # fresh binarisation and dropout noise every batch
+    cfg = config(epochs=6, dropout=0.2, warmup_epochs=3, patience=4)
+    whole = train(cfg, data, checkpoint_dir=tmp_path / "whole", state_every_s=0)
+
+    def stop_at_epoch_4(epoch, metrics, model):
+        if epoch == 4:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(cfg, data, checkpoint_dir=tmp_path / "cut", state_every_s=0, on_epoch=stop_at_epoch_4)
+    saved = []
+    resumed = train(cfg, data, checkpoint_dir=tmp_path / "cut", state_every_s=0, on_saved=saved.append)
+
+    assert resumed.resumed_from == 3 and saved == [4, 5, 6]  # epochs 1-3 were not trained again
+    assert without_timing(resumed.history) == without_timing(whole.history)
+    assert resumed.best_epoch == whole.best_epoch
+    for name, tensor in whole.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_a_saved_state_of_another_config_is_never_resumed(tmp_path):
+    data = load_dataset("digits")
+    train(config(epochs=2), data, checkpoint_dir=tmp_path, state_every_s=0)
+    other = train(config(epochs=2, lr=2e-3), data, checkpoint_dir=tmp_path, state_every_s=0)
+    assert other.resumed_from == 0 and [e["epoch"] for e in other.history] == [1, 2]
+
+
+def test_epoch_callbacks_cannot_change_the_training_numbers(digits):
+    plain = train(config(epochs=2, dropout=0.3), digits)
+    noisy = train(config(epochs=2, dropout=0.3), digits, on_epoch=lambda *_: torch.rand(1000))
+    assert without_timing(noisy.history) == without_timing(plain.history)
+
+
+def test_the_epoch_warm_up_schedule_is_beta_times_epoch_over_warmup_for_the_whole_epoch():
+    cfg = config(warmup_epochs=100, warmup_schedule="epoch")
+    assert kl_weight(cfg, 1, 0.0) == kl_weight(cfg, 1, 0.99) == pytest.approx(0.01)
+    assert kl_weight(cfg, 50, 0.5) == pytest.approx(0.5)
+    assert kl_weight(cfg, 100, 0.0) == kl_weight(cfg, 150, 0.0) == 1.0
+
+
+def test_early_stopping_does_not_count_epochs_of_the_warm_up(digits, monkeypatch):
+    # validation never improves after epoch 1; with patience 2 training would stop at epoch 3,
+    # but the counter is held at 0 until the warm-up's last epoch (4), so it stops at epoch 5
+    values = iter([-100.0, -200.0, -200.0, -200.0, -200.0, -200.0, -200.0, -200.0])
+    real = bench.train.validate
+    monkeypatch.setattr(bench.train, "validate", lambda *a: {**real(*a), "val/elbo": next(values)})
+    result = train(config(epochs=8, patience=2, warmup_epochs=4), digits)
+    assert result.stopped_early and [e["epoch"] for e in result.history][-1] == 5 and result.best_epoch == 1
+
+
+def test_adamnormgrad_scales_each_gradient_to_unit_norm_before_adam():
+    w = torch.nn.Parameter(torch.zeros(3))
+    w.grad = torch.tensor([3.0, 0.0, 4.0])
+    bench.train.normalise_gradients([w])
+    assert w.grad.tolist() == pytest.approx([0.6, 0.0, 0.8], abs=1e-6)

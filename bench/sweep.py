@@ -323,14 +323,18 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     while (trial := _take_queued(study)) is not None:
         started = time.perf_counter()
         with _Heartbeat(storage, trial):
-            state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results)
+            state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results,
+                                      worker if progress else None)
         ran += 1
         if progress:
             _report_progress(spec, study, trial, state, value, time.perf_counter() - started, total, worker)
     return ran
 
 
-def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
+EPOCH_LINE_S = 60  # a long trial prints a progress line at most this often (logs of long runs)
+
+
+def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker: int | None = None):
     """Train one queued trial; tell Optuna how it ended. Returns (state, value)."""
     cell = spec.cell(trial.user_attrs[CELL])
     for name, values in spec.grid:
@@ -340,7 +344,15 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results):
     cfg = spec.config(cell, **sampled)
     prune = spec.search is not None and spec.search.pruner != "none"
 
+    last_line = time.monotonic()
+
     def on_epoch(epoch, metrics, model):
+        nonlocal last_line
+        if worker is not None and time.monotonic() - last_line >= EPOCH_LINE_S:
+            last_line = time.monotonic()
+            print(f"[worker {worker}] trial {trial.number} {cell.key}: epoch {epoch}/{cfg.epochs} · "
+                  f"{spec.objective} {metrics[spec.objective]:.2f} · {metrics['samples_per_s']:,.0f} samples/s · "
+                  f"{time.strftime('%H:%M:%S')}", flush=True)
         if prune:
             trial.report(metrics[spec.objective], step=epoch)
             if trial.should_prune():

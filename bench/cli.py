@@ -159,10 +159,10 @@ def cmd_table(args):
 
 
 def cmd_ui(args):
-    from bench.tracking import default_uri
+    from bench import locations
 
-    uri = args.tracking_uri or default_uri(_results(args))
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+    uri = args.tracking_uri or locations.default_tracking(_results(args))
+    if locations.sqlite_path(uri) is not None and not locations.sqlite_path(uri).exists():
         raise BenchError(f"no MLflow store at {uri}: run `make sweep` (or `bench train ...`) first")
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
@@ -174,7 +174,9 @@ def cmd_dashboard(args):
     exe = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
     if exe is None:
         raise BenchError("optuna-dashboard is not installed: .venv/bin/pip install optuna-dashboard")
-    url = args.storage or f"sqlite:///{_results(args).resolve() / 'optuna.db'}"
+    from bench import locations
+
+    url = args.storage or locations.default_storage(_results(args))
     os.execv(exe, [exe, url, "--host", args.host, "--port", str(args.port)])
 
 
@@ -241,7 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Redacting:
+    """A text stream that writes everything with URL passwords replaced by *** (printed lines,
+    errors, library logs and tracebacks alike)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        from bench.locations import redact
+
+        return self._stream.write(redact(text))
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if not isinstance(sys.stdout, _Redacting):
+        sys.stdout, sys.stderr = _Redacting(sys.stdout), _Redacting(sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -25,7 +25,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from bench import tracking
+from bench import locations, tracking
 from bench.data import auto_dataset, load_dataset
 from bench.errors import BenchError, DivergedError, StudyError
 from bench.spec import StudySpec, load_spec, parse_spec
@@ -43,6 +43,8 @@ CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
 IDENTITY = "identity"  # JSON of everything that shapes the cell's runs (see `identity`)
 BEAT = "heartbeat"     # wall-clock time of the last beat, where the storage has no heartbeats
 SPEC_HASH = "spec_sha256"
+# a coordinator hands its worker processes the two URLs here, never on a command line
+WORKER_STORAGE_ENV, WORKER_TRACKING_ENV = "VAEBENCH_WORKER_STORAGE", "VAEBENCH_WORKER_TRACKING_URI"
 DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
@@ -65,11 +67,13 @@ class StudyOutcome:
 # ---------------------------------------------------------------- locations and Optuna objects
 
 def storage_url(spec: StudySpec, results: str | Path, storage: str | None = None) -> str:
-    return storage or spec.storage or f"sqlite:///{Path(results).resolve() / 'optuna.db'}"
+    """--storage, else the spec's, else $VAEBENCH_STORAGE, else sqlite under `results`."""
+    return storage or spec.storage or locations.default_storage(results)
 
 
 def tracking_uri(spec: StudySpec, results: str | Path, uri: str | None = None) -> str:
-    return uri or spec.tracking_uri or tracking.default_uri(results)
+    """--tracking-uri, else the spec's, else $VAEBENCH_TRACKING_URI, else sqlite under `results`."""
+    return uri or spec.tracking_uri or locations.default_tracking(results)
 
 
 def open_storage(url: str):
@@ -81,15 +85,17 @@ def open_storage(url: str):
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
-    kwargs = {}
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    locations.check_driver(url, "Optuna storage")
+    kwargs = {"engine_kwargs": {"pool_pre_ping": True}}
+    if locations.sqlite_path(url) is not None:
+        locations.ensure_parent(url)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
-        raise StudyError(f"cannot open Optuna storage {url}: {str(e).splitlines()[0]}; "
-                         "check the URL (--storage) and that the database server is running") from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise StudyError(locations.redact(f"cannot open Optuna storage {url}: {first}; check the URL "
+                                          "(--storage) and that the database server is running")) from None
 
 
 def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -204,7 +210,7 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
     tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
     queue_missing(spec, study)  # refuses a changed spec before the study records it
     study.set_user_attr(SPEC_HASH, spec.sha256)
-    study.set_user_attr("spec", json.dumps(spec.to_dict()))
+    study.set_user_attr("spec", locations.redact(json.dumps(spec.to_dict())))
     study.set_user_attr("dataset", spec.dataset)
     return study, exp_id, parent
 
@@ -307,6 +313,8 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     if threads:
         torch.set_num_threads(threads)
     spec = resolve(spec)
+    storage = storage or os.environ.get(WORKER_STORAGE_ENV)  # from a coordinator's _run_processes
+    tracking_uri_ = tracking_uri_ or os.environ.get(WORKER_TRACKING_ENV)
     url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
     storage = open_storage(url)
     study = open_study(spec, storage, create=False)
@@ -361,6 +369,7 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker
     tags = {tracking.STUDY: spec.name, tracking.TRIAL: trial.number, tracking.CELL: cell.key,
             "vaebench.grid_key": cell.grid_key, "vaebench.slot": trial.user_attrs.get(SLOT, 0),
             "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
+            "vaebench.objective_metric": spec.objective, "vaebench.objective_direction": spec.direction,
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
     resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(SLOT, 0), cfg, results)
     try:
@@ -459,10 +468,13 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
     """K `bench worker` processes with cores // K torch threads each (no oversubscription)."""
     spec_file = results / f".{spec.name}.spec.json"
     spec_file.write_text(json.dumps({"spec": spec.to_dict(), "path": spec.path, "sha256": spec.sha256}))
+    spec_file.chmod(0o600)
     threads = max(1, (os.cpu_count() or 1) // workers)
-    procs = [subprocess.Popen([sys.executable, "-m", "bench", "worker", str(spec_file), "--storage", url,
-                               "--tracking-uri", uri, "--results", str(results), "--threads", str(threads),
-                               "--worker-id", str(i + 1)]) for i in range(workers)]
+    # the URLs travel in the environment, not on command lines that `ps` shows with their passwords
+    env = {**os.environ, WORKER_STORAGE_ENV: url, WORKER_TRACKING_ENV: uri}
+    procs = [subprocess.Popen([sys.executable, "-m", "bench", "worker", str(spec_file), "--results", str(results),
+                               "--threads", str(threads), "--worker-id", str(i + 1)], env=env)
+             for i in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

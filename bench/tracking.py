@@ -22,6 +22,11 @@ from pathlib import Path
 
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+# A tracking server lost mid-study: a few retries with exponential backoff (about 30 s in all),
+# then the call fails, so the trial fails with the reason and the study goes on.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "4")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
@@ -30,6 +35,7 @@ from mlflow import MlflowClient  # noqa: E402
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
+from bench import locations  # noqa: E402
 from bench.config import RunConfig  # noqa: E402
 from bench.errors import TrackingError  # noqa: E402
 
@@ -45,22 +51,39 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 def default_uri(results: str | Path) -> str:
     """sqlite:///<results>/mlflow.db: MLflow 3's own default backend (./mlruns is legacy)."""
-    return f"sqlite:///{Path(results).resolve() / 'mlflow.db'}"
+    return locations.sqlite_url(Path(results) / "mlflow.db")
 
 
 def connect(uri: str) -> MlflowClient:
     """A client on `uri`, creating (and migrating) a new sqlite store first. Call this once in
-    the coordinating process before workers start: concurrent creation of one store crashes."""
-    if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    the coordinating process before workers start: concurrent creation of one store crashes.
+    A tracking server that does not answer fails here, in one line, before anything trains."""
+    locations.check_driver(uri, "MLflow tracking store")
+    locations.ensure_parent(uri)
+    if uri.startswith(("http://", "https://")):
+        _check_server(uri)
     mlflow.set_tracking_uri(uri)
     client = MlflowClient(tracking_uri=uri)
     try:
         client.search_experiments(max_results=1)
-    except MlflowException as e:
-        raise TrackingError(f"cannot open MLflow store {uri}: {str(e).splitlines()[0]}; "
-                            "check the tracking URI (--tracking-uri) or start the server") from None
+    except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise TrackingError(locations.redact(f"cannot open MLflow store {uri}: {first}; check the tracking "
+                                             "URI (--tracking-uri) or start the server")) from None
     return client
+
+
+def _check_server(uri: str, timeout_s: float = 5.0) -> None:
+    """One quick request to the server's /health (the client's own retries take minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s).close()
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(locations.redact(f"MLflow tracking server {uri} does not answer ({reason}); start "
+                                             "it (make services) or fix --tracking-uri")) from None
 
 
 def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> str:
@@ -81,9 +104,8 @@ def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> 
 def artifact_location(uri: str, experiment: str) -> str | None:
     """Artifacts beside a local sqlite store (`<store dir>/artifacts/<experiment>`), not in
     ./mlruns of whatever directory the command ran in; a tracking server decides its own."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    return (Path(uri[len("sqlite:///"):]).resolve().parent / "artifacts" / experiment).as_uri()
+    path = locations.sqlite_path(uri)
+    return None if path is None else (path.resolve().parent / "artifacts" / experiment).as_uri()
 
 
 def environment_tags() -> dict[str, str]:

@@ -1,0 +1,64 @@
+"""Where studies and runs live: the one place that knows `sqlite:///` paths, the environment
+defaults of the two URLs, the database drivers a URL needs, and how to print a URL without
+its password. Every line that shows a URL or an error about one goes through `redact`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+from pathlib import Path
+
+from bench.errors import BenchError
+
+SQLITE = "sqlite:///"
+STORAGE_ENV, TRACKING_ENV = "VAEBENCH_STORAGE", "VAEBENCH_TRACKING_URI"
+# scheme://user:password@host -> scheme://user:***@host (also inside longer text)
+_CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<secret>[^@\s/]*)@")
+# drivers SQLAlchemy 2.1 picks for a bare scheme, and the import names of those we accept
+_DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "MySQLdb")}
+
+
+def sqlite_url(path: str | Path) -> str:
+    return f"{SQLITE}{Path(path).resolve()}"
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a `sqlite:///PATH` URL, else None."""
+    return Path(url[len(SQLITE):]) if url.startswith(SQLITE) else None
+
+
+def ensure_parent(url: str) -> None:
+    """Create the directory a sqlite file goes in (a new results directory)."""
+    path = sqlite_path(url)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+
+def default_storage(results: str | Path) -> str:
+    return os.environ.get(STORAGE_ENV) or sqlite_url(Path(results) / "optuna.db")
+
+
+def default_tracking(results: str | Path) -> str:
+    return os.environ.get(TRACKING_ENV) or sqlite_url(Path(results) / "mlflow.db")
+
+
+def redact(text: str) -> str:
+    """`text` with the password of every URL in it replaced by ***."""
+    return _CREDENTIALS.sub(lambda m: f"{m['head']}:***@", str(text))
+
+
+def secrets(url: str) -> list[str]:
+    """The passwords inside `url` (to check that none leaks)."""
+    return [m["secret"] for m in _CREDENTIALS.finditer(url) if m["secret"]]
+
+
+def check_driver(url: str, what: str) -> None:
+    """Fail in one line when the database driver for `url` is not installed (the `scale`
+    extra brings psycopg 3, SQLAlchemy 2.1's driver for postgresql://)."""
+    scheme = url.split("://", 1)[0] if "://" in url else ""
+    dialect, _, driver = scheme.partition("+")
+    names = (driver,) if driver else _DRIVERS.get(dialect, ())
+    if names and not any(importlib.util.find_spec(n) for n in names if n):
+        raise BenchError(f"{what} {redact(url)} needs a {dialect} driver ({' or '.join(n for n in names if n)}), "
+                         "which is not installed: pip install -e \".[scale]\"")

@@ -10,7 +10,7 @@ PORT   ?= 5000
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install sweep test test-fast report paper reproduce ui dashboard clean
+.PHONY: help install sweep test test-fast report paper reproduce services services-stop ui dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -43,6 +43,13 @@ reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, i
 	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \
 		>> $(RESULTS)/reproduce-exemplar2020.log 2>&1 &
 	@echo "training in the background; progress: tail -f $(RESULTS)/reproduce-exemplar2020.log"
+
+services: $(STAMP)  ## start a local PostgreSQL + MLflow server on 127.0.0.1 and print their URLs
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,scale]"
+	$(BIN)/bench services start --results $(RESULTS)
+
+services-stop: $(STAMP)  ## stop exactly the services `make services` started
+	$(BIN)/bench services stop --results $(RESULTS)
 
 ui: $(STAMP)  ## browse the runs: mlflow ui on the study's store (127.0.0.1:5000 by default)
 	$(BIN)/bench ui --results $(RESULTS) --host $(HOST) --port $(PORT)

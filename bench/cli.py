@@ -180,6 +180,23 @@ def cmd_dashboard(args):
     os.execv(exe, [exe, url, "--host", args.host, "--port", str(args.port)])
 
 
+def cmd_services(args):
+    from bench import services
+    from bench.locations import redact
+
+    directory = _results(args) / "services"
+    if args.action == "stop":
+        stopped = services.stop(directory)
+        print(f"stopped: {', '.join(stopped)}" if stopped else f"no services running for {directory}")
+        return 0
+    s = services.start(directory, args.pg_port, args.mlflow_port)
+    print(f"optuna storage:  {redact(s.storage)}\nmlflow server:   {s.tracking_uri} (artifacts in "
+          f"{directory / 'artifacts'})\nboth on 127.0.0.1; the password is in {directory / 'env'} (mode 600).\n"
+          f"Point bench at them with:  . {directory / 'env'}   (then make sweep, bench worker ... as usual)\n"
+          "stop them with: make services-stop")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.config import RunConfig, field_types
 
@@ -233,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_results(p)
     p.set_defaults(func=cmd_table)
 
+    p = sub.add_parser("services", help="start or stop a local PostgreSQL + MLflow server (scale-out)")
+    p.add_argument("action", choices=["start", "stop"])
+    p.add_argument("--pg-port", type=int, help="PostgreSQL port (default: a free one)")
+    p.add_argument("--mlflow-port", type=int, help="MLflow server port (default: a free one)")
+    _add_results(p)
+    p.set_defaults(func=cmd_services)
+
     for name, func, port in (("ui", cmd_ui, 5000), ("dashboard", cmd_dashboard, 8080)):
         p = sub.add_parser(name, help="mlflow ui on the study's store" if name == "ui" else "optuna-dashboard")
         p.add_argument("--host", default="127.0.0.1")
@@ -268,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:  # a results directory that cannot be written, a file that vanished...
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        print(f"bench: error: {e.strerror or e}{where}; check the path and its permissions "
+              "(--results, the spec, the data files)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("bench: interrupted; a study resumes where it stopped when run again", file=sys.stderr)
         return 130

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -41,7 +42,8 @@ HEARTBEAT_S = int(os.environ.get("VAEBENCH_HEARTBEAT_S", 20))
 GRACE_S = int(os.environ.get("VAEBENCH_GRACE_S", 60))
 CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
 IDENTITY = "identity"  # JSON of everything that shapes the cell's runs (see `identity`)
-BEAT = "heartbeat"     # wall-clock time of the last beat, where the storage has no heartbeats
+BEAT = "heartbeat"
+WORKER = "worker"      # host:pid of the process that claimed the trial     # wall-clock time of the last beat, where the storage has no heartbeats
 SPEC_HASH = "spec_sha256"
 # a coordinator hands its worker processes the two URLs here, never on a command line
 WORKER_STORAGE_ENV, WORKER_TRACKING_ENV = "VAEBENCH_WORKER_STORAGE", "VAEBENCH_WORKER_TRACKING_URI"
@@ -330,6 +332,7 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     ran = 0
     while (trial := _take_queued(study)) is not None:
         started = time.perf_counter()
+        trial.set_user_attr(WORKER, f"{platform.node()}:{os.getpid()}")
         with _Heartbeat(storage, trial):
             state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results,
                                       worker if progress else None)
@@ -444,6 +447,7 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
     started = time.perf_counter()
     spec = resolve(spec)
     results = Path(results)
+    results.mkdir(parents=True, exist_ok=True)
     url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
     study, exp_id, parent = prepare(spec, url, uri, restart=restart)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))

@@ -102,7 +102,11 @@ def cmd_sweep(args):
         raise BenchError(f"--workers must be >= 0 (0 only queues the cells), got {args.workers}")
     spec = sweep.resolve(_spec(args))
     if args.dry_run:
-        print(format_plan(spec, train_size=DATASETS.meta(spec.dataset).get("train_size"), workers=args.workers))
+        # --workers 0 only queues: the estimate is then for one `bench worker`
+        print(format_plan(spec, train_size=DATASETS.meta(spec.dataset).get("train_size"),
+                          workers=max(1, args.workers)))
+        if args.workers == 0:
+            print("--workers 0: this only queues the cells; `bench worker SPEC` processes train them")
         return 0
     results = _results(args)
     try:

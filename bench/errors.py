@@ -45,3 +45,7 @@ class TrackingError(BenchError):
 
 class StudyError(BenchError):
     """An Optuna study that cannot be run or resumed as asked."""
+
+
+class CheckpointError(BenchError):
+    """A checkpoint that is refused: not a plain state dict (it could run code when loaded)."""

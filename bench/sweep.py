@@ -457,13 +457,17 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
               f"{total - waiting} already done or running, {waiting} to train with {workers} "
               f"worker(s)\n  optuna: {url}\n  mlflow: {uri}", flush=True)
     trained = 0
-    if workers == 0:  # coordinator only: queue the cells for `bench worker` processes elsewhere
-        pass
-    elif waiting and workers == 1:
-        trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress)
-    elif waiting:
-        trained = _run_processes(spec, results, url, uri, min(workers, waiting))
     client = tracking.connect(uri)
+    try:
+        if workers == 0:  # coordinator only: queue the cells for `bench worker` processes elsewhere
+            pass
+        elif waiting and workers == 1:
+            trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress)
+        elif waiting:
+            trained = _run_processes(spec, results, url, uri, min(workers, waiting))
+    except BaseException:  # Ctrl-C or a failed worker: the study's run ends too, never left RUNNING
+        tracking.end_run(client, parent, "KILLED", "the study was interrupted; run it again to resume")
+        raise
     tracking.end_run(client, parent, "FINISHED")
     return outcome(spec, url, uri, trained, time.perf_counter() - started)
 

@@ -226,6 +226,7 @@ def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED", reason:
 def load_model(run_id: str, tracking_uri: str | None = None):
     """The model logged by run `run_id`, rebuilt from the registry (weights_only=True)."""
     from bench.models import create_model
+    from bench.train import load_weights
 
     client = MlflowClient(tracking_uri=tracking_uri) if tracking_uri else MlflowClient()
     try:
@@ -233,7 +234,7 @@ def load_model(run_id: str, tracking_uri: str | None = None):
             local = Path(client.download_artifacts(run_id, "model", tmp))
             cfg = RunConfig.from_dict(json.loads((local / "config.json").read_text()))
             meta = json.loads((local / "data.json").read_text())
-            state = torch.load(local / "state_dict.pt", map_location="cpu", weights_only=True)
+            state = load_weights(local / "state_dict.pt")
     except (MlflowException, OSError) as e:
         raise TrackingError(f"run {run_id} has no loadable model ({str(e).splitlines()[0]}); "
                             "only finished trial runs log one") from None

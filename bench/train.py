@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 import random
 import sys
 import time
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from bench.config import RunConfig, config_changes
-from bench.errors import ConfigError, DivergedError
+from bench.errors import CheckpointError, ConfigError, DivergedError
 from bench.evaluate import EVAL_SEED, elbo_terms, reconstruction_errors
 from bench.models import create_model
 
@@ -163,7 +164,7 @@ def load_state(path: Path, cfg: RunConfig) -> dict | None:
     config (never resume across a changed config)."""
     if not path.exists():
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_weights(path)
     return state if not config_changes(state.get("config", {}), cfg) else None
 
 
@@ -320,5 +321,15 @@ def save_checkpoints(directory: Path, cfg: RunConfig, last: dict, best: dict) ->
 def load_checkpoint(path: str | Path, cfg: RunConfig, image_shape, num_classes: int):
     """A model rebuilt from the registry with weights from `path` (weights_only=True)."""
     model = create_model(cfg, image_shape, num_classes)
-    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights(path))
     return model.eval()
+
+
+def load_weights(path: str | Path) -> dict:
+    """A state dict from `path`, read with weights_only=True: a file holding anything but
+    tensors and plain containers (a pickled payload that would run code) is refused."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: it is not a plain state dict "
+                              f"({str(e).splitlines()[0][:200]}); only load checkpoints you trust") from None

@@ -249,3 +249,19 @@ def test_pruned_trials_are_pruned_in_optuna_and_killed_in_mlflow(results, monkey
         assert run.data.tags[tracking.FAIL_REASON] == trial.user_attrs["fail_reason"]
         assert client.list_artifacts(run.info.run_id, "model") == []
     assert sweep.run_study(spec, results=results, progress=False).trained_now == 0
+
+
+@pytest.mark.parametrize("pruner", ["median", "hyperband"])
+def test_a_seeded_search_sees_its_pruner_prune(results, pruner):
+    # lr from 1e-5 (hardly learns) to 3e-2: over 10 trials of 4 epochs the real pruner (no
+    # stand-in) stops the worst ones early; the sampler is seeded, so this is the same every run
+    spec = parse_spec({
+        "study": {"name": f"prune-{pruner}", "dataset": "digits", "epochs": 4, "objective": "val/elbo"},
+        "search": {"n_trials": 10, "sampler": "random", "pruner": pruner,
+                   "params": {"lr": {"type": "float", "low": 1e-5, "high": 3e-2, "log": True}}},
+        "fixed": {"model": "vae", **FIXED}})
+    sweep.run_study(spec, results=results, progress=False)
+    trials = optuna_trials(spec, results)
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned and len(pruned) < len(trials)
+    assert all(len(t.intermediate_values) < 4 for t in pruned)

@@ -4,6 +4,7 @@ Every test reads a real MLflow store (sqlite in a temporary directory). The tria
 are trained once per module, one per registered model, for 2 epochs on the 8x8 digits.
 """
 
+import json
 import re
 import subprocess
 from pathlib import Path
@@ -255,3 +256,60 @@ def test_fail_orphaned_runs_fails_the_running_runs_of_trials_no_longer_running(m
     assert client.get_run(live).info.status == "RUNNING"
     assert client.get_run(finished).info.status == "FINISHED"
     assert tracking.fail_orphaned_runs(client, exp_id, "orphans", live_trials={1}) == 0
+
+
+class Payload:
+    """A pickled object that runs code when loaded: what weights_only=True must refuse."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path(self.marker).touch, ())
+
+
+def test_a_checkpoint_that_would_run_code_is_refused(tmp_path, digits):
+    from bench.errors import CheckpointError
+    from bench.train import load_checkpoint
+
+    marker = tmp_path / "pwned"
+    torch.save({"weights": Payload(marker)}, tmp_path / "best.pt")
+    with pytest.raises(CheckpointError, match="not a plain state dict"):
+        load_checkpoint(tmp_path / "best.pt", config(), digits.image_shape, digits.num_classes)
+    assert not marker.exists()
+
+
+def test_a_logged_model_that_would_run_code_is_refused(study, tmp_path):
+    from bench.errors import CheckpointError
+
+    marker = tmp_path / "pwned"
+    run_id = study.trials["vae"].outcome.run_id
+    bad = tmp_path / "model"
+    bad.mkdir()
+    for name in ("config.json", "data.json"):
+        (bad / name).write_text(Path(study.client.download_artifacts(run_id, f"model/{name}", str(tmp_path)))
+                                .read_text())
+    torch.save(Payload(marker), bad / "state_dict.pt")
+    evil = study.client.create_run(study.exp_id).info.run_id
+    study.client.log_artifacts(evil, str(bad), artifact_path="model")
+    with pytest.raises(CheckpointError, match="not a plain state dict"):
+        bench.load_run(evil, tracking_uri=study.uri)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("binarize, proper", [("none", "false"), ("static", "true")])
+def test_bce_is_a_proper_density_only_on_binary_data(mlflow_uri, tmp_path, binarize, proper):
+    client = tracking.connect(mlflow_uri)
+    exp_id = tracking.experiment_id(client, "proper")
+    data = load_dataset("digits", binarize)
+    out = run_tracked(config(loss="bce", binarize=binarize, epochs=1), data, client=client, exp_id=exp_id,
+                      run_name="bce", results=tmp_path, log_images=False)
+    assert client.get_run(out.run_id).data.tags["vaebench.proper_density"] == proper
+
+
+def test_the_per_dimension_kl_is_an_artifact_that_sums_to_the_test_kl(study):
+    run_id = study.trials["vae"].outcome.run_id
+    path = study.client.download_artifacts(run_id, "metrics/kl_per_dim.json", str(study.root))
+    per_dim = json.loads(Path(path).read_text())
+    assert len(per_dim) == study.trials["vae"].cfg.latent
+    assert sum(per_dim) == pytest.approx(study.trials["vae"].run.data.metrics["test/kl"], rel=1e-6)

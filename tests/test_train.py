@@ -260,3 +260,26 @@ def test_adamnormgrad_scales_each_gradient_to_unit_norm_before_adam():
     w.grad = torch.tensor([3.0, 0.0, 4.0])
     bench.train.normalise_gradients([w])
     assert w.grad.tolist() == pytest.approx([0.6, 0.0, 0.8], abs=1e-6)
+
+
+def test_training_passes_beta_to_the_bound(digits, monkeypatch):
+    weights = []
+
+    def recording(self, x, y=None, kl_weight=1.0, generator=None):
+        weights.append(kl_weight)
+        return VAE_TERMS(self, x, y, kl_weight, generator)
+
+    VAE_TERMS = VAE.terms
+    monkeypatch.setattr(VAE, "terms", recording)
+    result = train(config(epochs=1, beta=0.5), digits)
+    assert weights and set(weights) == {0.5}
+    assert result.history[0]["kl_weight"] == 0.5
+
+
+def test_auto_device_picks_cuda_when_there_is_one(monkeypatch):
+    assert bench.train.resolve_device("auto").type in ("cpu", "cuda", "mps")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert bench.train.resolve_device("auto") == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert bench.train.resolve_device("auto") == torch.device("cpu")

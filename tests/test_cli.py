@@ -266,3 +266,20 @@ def test_a_cvae_needs_labels():
         create_model(cfg, (1, 8, 8), num_classes=0)
     assert create_model(cfg, (1, 8, 8), num_classes=10).conditional
 
+
+
+@pytest.mark.slow
+def test_a_sweep_prints_the_comparison_writes_the_report_and_exits_1_on_a_failed_cell(capsys, tmp_path):
+    spec = tmp_path / "mixed.toml"
+    spec.write_text('[study]\nname = "mixed"\ndataset = "digits"\nepochs = 1\nobjective = "val/bce"\n'
+                    '[grid]\nlr = [1e-3, 1e6]\n[fixed]\nloss = "gaussian"\nlatent = 2\neval_k = 5\neval_n = 50\n')
+    code = main(["sweep", str(spec), "--results", str(tmp_path / "results")])
+    out, err = capsys.readouterr()
+    assert code == 1
+    assert "mixed on digits: 1/2 trials done" in out
+    [row] = [line for line in out.splitlines() if line.startswith("0.001")]  # the comparison's one row
+    assert row.rstrip().endswith(" 1")  # n = 1 seed
+    [failed] = [line for line in err.splitlines() if line.startswith("FAILED ")]
+    assert "lr=1000000" in failed and "training diverged" in failed
+    report = tmp_path / "results" / "reports" / "mixed" / "report.html"
+    assert f"report: {report}" in out and report.is_file()

@@ -17,37 +17,22 @@ import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 from optuna.trial import TrialState
 
-from bench import locations, tracking
+from bench import locations, queue, tracking
 from bench.data import auto_dataset, load_dataset
-from bench.errors import BenchError, DivergedError, StudyError
+from bench.errors import BenchError, StudyError
 from bench.spec import StudySpec, load_spec, parse_spec
 from bench.trial import run_tracked
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
-# heartbeats and fail_stale_trials are marked experimental; we rely on them knowingly
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-# A running trial beats this often, and is failed (then retried, resuming from its saved state)
-# once silent this long; the environment may shorten both (the recovery tests do).
-HEARTBEAT_S = int(os.environ.get("VAEBENCH_HEARTBEAT_S", 20))
-GRACE_S = int(os.environ.get("VAEBENCH_GRACE_S", 60))
-CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
-IDENTITY = "identity"  # JSON of everything that shapes the cell's runs (see `identity`)
-BEAT = "heartbeat"
-WORKER = "worker"      # host:pid of the process that claimed the trial     # wall-clock time of the last beat, where the storage has no heartbeats
 SPEC_HASH = "spec_sha256"
 # a coordinator hands its worker processes the two URLs here, never on a command line
 WORKER_STORAGE_ENV, WORKER_TRACKING_ENV = "VAEBENCH_WORKER_STORAGE", "VAEBENCH_WORKER_TRACKING_URI"
-DONE_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
 @dataclass
@@ -76,28 +61,6 @@ def storage_url(spec: StudySpec, results: str | Path, storage: str | None = None
 def tracking_uri(spec: StudySpec, results: str | Path, uri: str | None = None) -> str:
     """--tracking-uri, else the spec's, else $VAEBENCH_TRACKING_URI, else sqlite under `results`."""
     return uri or spec.tracking_uri or locations.default_tracking(results)
-
-
-def open_storage(url: str):
-    """An Optuna storage for `url`: RDB (sqlite, postgresql, mysql) with heartbeats, or a
-    journal file for `journal:PATH`."""
-    if url.startswith("journal:"):
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        path = Path(url[len("journal:"):])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path)))
-    locations.check_driver(url, "Optuna storage")
-    kwargs = {"engine_kwargs": {"pool_pre_ping": True}}
-    if locations.sqlite_path(url) is not None:
-        locations.ensure_parent(url)
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-    try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
-    except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StudyError(locations.redact(f"cannot open Optuna storage {url}: {first}; check the URL "
-                                          "(--storage) and that the database server is running")) from None
 
 
 def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
@@ -132,76 +95,18 @@ def resolve(spec: StudySpec) -> StudySpec:
 
 # ---------------------------------------------------------------- the coordinator
 
-def _slots(spec: StudySpec) -> list[tuple[str, int, dict]]:
-    """(cell key, slot, grid params) of every trial the finished study holds."""
-    return [(cell.key, slot, cell.as_dict()) for cell in spec.cells() for slot in range(spec.trials_per_cell)]
-
-
-def identity(spec: StudySpec, cell) -> dict:
-    """Everything that shapes a cell's runs: its whole RunConfig (fixed fields, epochs, dataset,
-    binarisation, seed), the objective and the search space. Two trials of a cell with different
-    identities are different experiments and never stand in for each other."""
-    search = spec.to_dict().get("search")
-    return {"config": spec.config(cell).to_dict(), "objective": spec.objective, "direction": spec.direction,
-            "search": search}
-
-
-def identity_changes(old: dict, new: dict) -> list[str]:
-    """What differs between two identities, as `name: old -> new`. A config field missing from
-    `old` (added to RunConfig since) counts as its default, which keeps the old behaviour."""
-    from bench.config import RunConfig, config_changes
-
-    changed = config_changes(old.get("config", {}), RunConfig.from_dict(new["config"]))
-    changes = [f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()]
-    changes += [f"{k}: {old.get(k)!r} -> {new[k]!r}" for k in ("objective", "direction", "search")
-                if old.get(k) != new[k]]
-    return changes
-
-
-def queue_missing(spec: StudySpec, study: optuna.Study) -> tuple[int, int]:
-    """Enqueue every (cell, slot) without a done, waiting or running trial. Returns
-    (number enqueued, number already done). Refuses (StudyError) when a done trial was trained
-    under other values than the spec's now: see `identity`."""
-    trials = study.get_trials(deepcopy=False)
-    by_slot: dict[tuple[str, int], list] = {}
-    for t in trials:
-        by_slot.setdefault((t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0)), []).append(t)
-    enqueued = done = 0
-    spec_cells = {cell.key: cell for cell in spec.cells()}
-    for key, slot, params in _slots(spec):
-        current = identity(spec, spec_cells[key])
-        slot_trials = by_slot.get((key, slot), [])
-        for t in slot_trials:
-            old = json.loads(t.user_attrs[IDENTITY]) if IDENTITY in t.user_attrs else None
-            if old is not None and t.state != TrialState.FAIL and (changes := identity_changes(old, current)):
-                raise StudyError(f"study {spec.name!r} already holds cell {key} trained with other values "
-                                 f"({'; '.join(changes[:4])}); give the changed spec a new [study] name, or "
-                                 "pass --restart to delete this study's trials and runs and start over")
-        states = [t.state for t in slot_trials]
-        if any(s in DONE_STATES for s in states):
-            done += 1
-            continue
-        if any(s in (TrialState.WAITING, TrialState.RUNNING) for s in states):
-            continue
-        study.enqueue_trial(params=params, user_attrs={CELL: key, SLOT: slot, ATTEMPT: len(states) + 1,
-                                                       IDENTITY: json.dumps(current, sort_keys=True)},
-                            skip_if_exists=False)
-        enqueued += 1
-    return enqueued, done
-
-
 def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
             restart: bool = False) -> tuple[optuna.Study, str, str]:
     """Create (or reopen) the study, the MLflow experiment and the study's parent run, fail what
     crashed workers left running, and queue the missing cells. Runs in one process first,
     before any worker, since creating a new store from several processes at once crashes.
     `restart` first deletes the study's trials and its MLflow runs (a spec changed on purpose)."""
-    storage = open_storage(storage_url_)
+    storage = queue.open_storage(storage_url_)
     client = tracking.connect(tracking_uri_)
     if restart:
         _delete_study(spec, storage, client)
     study = open_study(spec, storage, create=True)
-    fail_stale(study, storage)
+    queue.fail_stale(study, storage)
     exp_id = tracking.experiment_id(client, spec.name, {"vaebench.spec_sha256": spec.sha256})
     parent = tracking.study_run(client, exp_id, spec.name, {"vaebench.spec": spec.path or "<dict>",
                                                               "vaebench.dataset": spec.dataset})
@@ -210,7 +115,7 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
     tracking.log_dataset(client, parent, load_dataset(spec.dataset, spec.binarize))
     running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
-    queue_missing(spec, study)  # refuses a changed spec before the study records it
+    queue.queue_missing(spec, study)  # refuses a changed spec before the study records it
     study.set_user_attr(SPEC_HASH, spec.sha256)
     study.set_user_attr("spec", locations.redact(json.dumps(spec.to_dict())))
     study.set_user_attr("dataset", spec.dataset)
@@ -230,81 +135,7 @@ def _delete_study(spec: StudySpec, storage, client) -> None:
             client.delete_run(run.info.run_id)
 
 
-def fail_stale(study: optuna.Study, storage) -> int:
-    """Fail the RUNNING trials whose worker died: silent for GRACE_S. RDB storages through
-    Optuna's heartbeats; storages without them (journal files) through the wall-clock beat each
-    worker writes into its trial's system attributes. Returns how many were failed."""
-    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    if _heartbeats(storage):
-        optuna.storages.fail_stale_trials(study)
-        still = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sum(1 for t in running if t.number not in still)
-    failed = 0
-    for t in running:
-        beat = t.system_attrs.get(BEAT, t.datetime_start.timestamp() if t.datetime_start else 0.0)
-        if time.time() - beat > GRACE_S:
-            try:
-                failed += bool(storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL))
-            except optuna.exceptions.UpdateFinishedTrialError:
-                pass
-    return failed
-
-
-def _heartbeats(storage) -> bool:
-    from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
-
-    return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
-
-
 # ---------------------------------------------------------------- workers
-
-def _take_queued(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically claim a WAITING trial (never create one): the storage refuses the claim when
-    another worker got there first."""
-    storage = study._storage
-    study_id = storage.get_study_id_from_name(study.study_name)
-    for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-    return None
-
-
-class _Heartbeat:
-    """Beats for the trial while it trains, so a killed worker's trial is failed and retried by
-    the next coordinator: Optuna's heartbeat on RDB storages, else a wall-clock time in the
-    trial's system attributes (journal files), which `fail_stale` reads. `storage` is the one
-    the worker opened, not `study._storage` (Optuna's caching wrapper around it)."""
-
-    def __init__(self, storage, trial: optuna.Trial):
-        self.storage, self.trial_id = storage, trial._trial_id
-        self.native = _heartbeats(storage)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self):
-        while not self.stop.is_set():
-            try:
-                if self.native:
-                    self.storage.record_heartbeat(self.trial_id)
-                else:
-                    self.storage.set_trial_system_attr(self.trial_id, BEAT, time.time())
-            except Exception:  # noqa: BLE001 - a lost beat is retried; the trial goes on
-                pass
-            self.stop.wait(HEARTBEAT_S)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop.set()
-        if self.thread.is_alive():
-            self.thread.join()
-
 
 def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = None,
                tracking_uri_: str | None = None, worker: int = 1, threads: int | None = None,
@@ -318,7 +149,7 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     storage = storage or os.environ.get(WORKER_STORAGE_ENV)  # from a coordinator's _run_processes
     tracking_uri_ = tracking_uri_ or os.environ.get(WORKER_TRACKING_ENV)
     url, uri = storage_url(spec, results, storage), tracking_uri(spec, results, tracking_uri_)
-    storage = open_storage(url)
+    storage = queue.open_storage(url)
     study = open_study(spec, storage, create=False)
     recorded = study.user_attrs.get(SPEC_HASH)
     if recorded and recorded != spec.sha256:
@@ -328,12 +159,12 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     client = tracking.connect(uri)
     exp_id = tracking.experiment_id(client, spec.name)
     parent = tracking.study_run(client, exp_id, spec.name)
-    total = len(_slots(spec))
+    total = len(queue.slots(spec))
     ran = 0
-    while (trial := _take_queued(study)) is not None:
+    while (trial := queue.take_queued(study)) is not None:
         started = time.perf_counter()
-        trial.set_user_attr(WORKER, f"{platform.node()}:{os.getpid()}")
-        with _Heartbeat(storage, trial):
+        trial.set_user_attr(queue.WORKER, f"{platform.node()}:{os.getpid()}")
+        with queue.Heartbeat(storage, trial):
             state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results,
                                       worker if progress else None)
         ran += 1
@@ -347,7 +178,7 @@ EPOCH_LINE_S = 60  # a long trial prints a progress line at most this often (log
 
 def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker: int | None = None):
     """Train one queued trial; tell Optuna how it ended. Returns (state, value)."""
-    cell = spec.cell(trial.user_attrs[CELL])
+    cell = spec.cell(trial.user_attrs[queue.CELL])
     for name, values in spec.grid:
         trial.suggest_categorical(name, list(values))
     trial.suggest_categorical("seed", list(spec.seeds))
@@ -370,27 +201,27 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker
                 raise optuna.TrialPruned(f"{spec.objective} = {metrics[spec.objective]:.4g} at epoch {epoch}")
 
     tags = {tracking.STUDY: spec.name, tracking.TRIAL: trial.number, tracking.CELL: cell.key,
-            "vaebench.grid_key": cell.grid_key, "vaebench.slot": trial.user_attrs.get(SLOT, 0),
+            "vaebench.grid_key": cell.grid_key, "vaebench.slot": trial.user_attrs.get(queue.SLOT, 0),
             "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
             "vaebench.objective_metric": spec.objective, "vaebench.objective_direction": spec.direction,
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
-    resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(SLOT, 0), cfg, results)
+    resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
     try:
         outcome = run_tracked(cfg, data, client=client, exp_id=exp_id, parent_run_id=parent, results=results,
                               run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
                               stop_exceptions=(optuna.TrialPruned,), progress=False, resume_run_id=resume)
     except optuna.TrialPruned as e:
-        trial.set_user_attr(REASON, f"pruned: {e}")
+        trial.set_user_attr(queue.REASON, f"pruned: {e}")
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED, None
     except Exception as e:  # noqa: BLE001 - any error fails this trial, not the worker
         reason = str(e).splitlines()[0][:1000] if str(e) else type(e).__name__
         reason = reason if isinstance(e, BenchError) else f"{type(e).__name__}: {reason}"
-        trial.set_user_attr(REASON, reason)
+        trial.set_user_attr(queue.REASON, reason)
         study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL, reason
     except BaseException:
-        trial.set_user_attr(REASON, "interrupted")
+        trial.set_user_attr(queue.REASON, "interrupted")
         study.tell(trial, state=TrialState.FAIL)
         raise
     best = outcome.result.history[outcome.result.best_epoch - 1]
@@ -418,8 +249,8 @@ def resumable(client, exp_id: str, spec: StudySpec, cell, slot: int, cfg, result
 
 
 def _report_progress(spec, study, trial, state, value, seconds, total, worker):
-    done = len(study.get_trials(deepcopy=False, states=DONE_STATES))
-    finished = study.get_trials(deepcopy=False, states=DONE_STATES + (TrialState.FAIL,))
+    done = len(study.get_trials(deepcopy=False, states=queue.DONE_STATES))
+    finished = study.get_trials(deepcopy=False, states=queue.DONE_STATES + (TrialState.FAIL,))
     durations = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
                  if t.datetime_complete and t.datetime_start]
     mean = sum(durations) / len(durations) if durations else seconds
@@ -428,7 +259,7 @@ def _report_progress(spec, study, trial, state, value, seconds, total, worker):
     what = f"{spec.objective} {value:.2f}" if state == TrialState.COMPLETE else state.name
     if state == TrialState.FAIL:
         what = f"FAILED: {str(value).splitlines()[0][:120]}"
-    print(f"[worker {worker}] {done}/{total} done · trial {trial.number} {trial.user_attrs[CELL]} · "
+    print(f"[worker {worker}] {done}/{total} done · trial {trial.number} {trial.user_attrs[queue.CELL]} · "
           f"{what} · {seconds:.1f} s · ETA {_duration(eta)}", flush=True)
 
 
@@ -452,7 +283,7 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
     study, exp_id, parent = prepare(spec, url, uri, restart=restart)
     waiting = len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
     if progress:
-        total = len(_slots(spec))
+        total = len(queue.slots(spec))
         print(f"study {spec.name!r} on {spec.dataset} ({spec.binarize}): {total} trials, "
               f"{total - waiting} already done or running, {waiting} to train with {workers} "
               f"worker(s)\n  optuna: {url}\n  mlflow: {uri}", flush=True)
@@ -520,16 +351,16 @@ def _with_hash(spec: StudySpec, saved: dict) -> StudySpec:
 
 
 def outcome(spec: StudySpec, url: str, uri: str, trained: int = 0, seconds: float = 0.0) -> StudyOutcome:
-    study = open_study(spec, open_storage(url), create=False)
+    study = open_study(spec, queue.open_storage(url), create=False)
     trials = study.get_trials(deepcopy=False)
     done_keys, failures = set(), {}
     for t in trials:
-        key = (t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0))
-        if t.state in DONE_STATES:
+        key = (t.user_attrs.get(queue.CELL), t.user_attrs.get(queue.SLOT, 0))
+        if t.state in queue.DONE_STATES:
             done_keys.add(key)
         elif t.state == TrialState.FAIL:
-            failures[key] = t.user_attrs.get(REASON, "failed")
-    slots = _slots(spec)
+            failures[key] = t.user_attrs.get(queue.REASON, "failed")
+    slots = queue.slots(spec)
     failed = [(k, failures[(k, s)]) for k, s, _ in slots if (k, s) not in done_keys and (k, s) in failures]
     result = StudyOutcome(spec.name, spec.name, spec.dataset, url, uri, len(spec.cells()), len(slots),
                           sum(1 for k, s, _ in slots if (k, s) in done_keys), failed, trained, seconds)

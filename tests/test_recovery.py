@@ -16,7 +16,7 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from bench import sweep, tracking
+from bench import queue, sweep, tracking
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
 
@@ -99,7 +99,7 @@ def test_a_killed_trial_is_retried_and_resumes_with_the_numbers_of_an_uninterrup
     killed_at = saved_epoch(tmp_path)
     assert 5 <= killed_at < 40
 
-    study = optuna.load_study(study_name="recovery", storage=sweep.open_storage(url))
+    study = optuna.load_study(study_name="recovery", storage=queue.open_storage(url))
     assert [t.state for t in study.get_trials()] == [TrialState.RUNNING]  # nobody told Optuna
     client = tracking.connect(tracking.default_uri(tmp_path))
     exp_id = client.get_experiment_by_name("recovery").experiment_id
@@ -110,7 +110,7 @@ def test_a_killed_trial_is_retried_and_resumes_with_the_numbers_of_an_uninterrup
     again = bench(str(tmp_path / "spec.toml"), results=tmp_path, storage=url)
     assert again.returncode == 0, again.stderr
 
-    trials = optuna.load_study(study_name="recovery", storage=sweep.open_storage(url)).get_trials()
+    trials = optuna.load_study(study_name="recovery", storage=queue.open_storage(url)).get_trials()
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
     [resumed] = tracking.trial_runs(client, exp_id, "recovery")  # the same run, continued
     assert resumed.info.run_id == run.info.run_id and resumed.info.status == "FINISHED"

@@ -19,7 +19,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from bench import services, sweep, tracking
+from bench import queue, services, sweep, tracking
 from bench.locations import STORAGE_ENV, TRACKING_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
@@ -66,7 +66,7 @@ def bench(*args, env: dict, wait: bool = True):
 
 def coverage(study_name: str, storage: str, tracking_uri: str):
     """(Optuna trial states by cell, MLflow run statuses by cell) of a study."""
-    trials = optuna.load_study(study_name=study_name, storage=sweep.open_storage(storage)).get_trials()
+    trials = optuna.load_study(study_name=study_name, storage=queue.open_storage(storage)).get_trials()
     states: dict[str, list] = {}
     for t in sorted(trials, key=lambda t: t.number):
         states.setdefault(t.user_attrs["cell"], []).append(t.state)
@@ -104,12 +104,12 @@ def test_three_workers_on_postgresql_and_an_mlflow_server_survive_a_killed_worke
     assert queued.returncode == 0, queued.stderr
     workers = [bench("worker", str(spec), "--results", str(tmp_path), "--threads", "1", "--worker-id", str(i),
                      env=env, wait=False) for i in (1, 2, 3)]
-    study = optuna.load_study(study_name="scale", storage=sweep.open_storage(servers.storage))
+    study = optuna.load_study(study_name="scale", storage=queue.open_storage(servers.storage))
     deadline, victim = time.monotonic() + 300, None
     while victim is None:  # a trial RUNNING with some epochs saved: kill the worker that holds it
         assert time.monotonic() < deadline, "no trial reached its second epoch"
         for t in study.get_trials(states=(TrialState.RUNNING,)):
-            pid = int(t.user_attrs.get(sweep.WORKER, ":0").rsplit(":", 1)[1])
+            pid = int(t.user_attrs.get(queue.WORKER, ":0").rsplit(":", 1)[1])
             runs = list((tmp_path / "checkpoints").glob("*/state.pt"))
             if pid in {w.pid for w in workers} and runs:
                 victim = (t.number, pid)
@@ -217,7 +217,7 @@ def test_passwords_in_urls_never_leak(servers, tmp_path):
     printed = done.stdout + done.stderr + refused.stdout + refused.stderr
     assert password not in printed and "not-the-password-4711" not in printed
 
-    study = optuna.load_study(study_name="secret", storage=sweep.open_storage(servers.storage))
+    study = optuna.load_study(study_name="secret", storage=queue.open_storage(servers.storage))
     attrs = json.dumps([study.user_attrs] + [t.user_attrs for t in study.get_trials()] +
                        [t.system_attrs for t in study.get_trials()], default=str)
     assert password not in attrs

@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from bench import sweep, tracking
+from bench import queue, sweep, tracking
 from bench.errors import StudyError
 from bench.spec import load_spec, override, parse_spec
 
@@ -40,7 +40,7 @@ def results(tmp_path, new_store):
 
 def optuna_trials(spec, results, storage: str | None = None) -> list:
     url = storage or sweep.storage_url(spec, results)
-    return optuna.load_study(study_name=spec.name, storage=sweep.open_storage(url)).get_trials()
+    return optuna.load_study(study_name=spec.name, storage=queue.open_storage(url)).get_trials()
 
 
 def by_cell(trials) -> dict[str, list]:

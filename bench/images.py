@@ -60,13 +60,13 @@ def samples_grid(model, n: int = 64, seed: int = 0, scale: int = 1) -> np.ndarra
 
 
 def reconstruction_grid(model, x, y=None, nrow: int = 10, scale: int = 1) -> np.ndarray:
-    """Originals in one row and their reconstructions, sigmoid(decode(mu)), in the row below
+    """Originals in one row and their reconstructions, the mean of p(x|mu), in the row below
     (pairs of rows when there are more than `nrow` images), so each can be compared by eye."""
     x = _tensor(x, model)
     with _evaluating(model):
         labels = _labels(model, y)
         mu, _ = model.encode(x, labels)
-        reconstructions = torch.sigmoid(model.decode(mu, labels))
+        reconstructions = model.mean_image(mu, labels)
     originals, reconstructions = _numpy(x), _numpy(reconstructions)
     nrow = min(nrow, len(x))
     blank = np.ones((nrow, *originals.shape[1:]), dtype=np.float32)  # fills a short last pair
@@ -95,7 +95,7 @@ def interpolation_grid(model, x, y=None, steps: int = 10, scale: int = 1) -> np.
         t = torch.linspace(0, 1, steps, device=mu.device, dtype=mu.dtype)[:, None]  # (S, 1)
         z = ((1 - t) * start + t * end).flatten(0, 1)                               # (P*S, L)
         row_labels = None if labels is None else labels[0::2].repeat_interleave(steps)
-        images = torch.sigmoid(model.decode(z, row_labels))
+        images = model.mean_image(z, row_labels)
     return make_grid(images, nrow=steps, scale=scale)
 
 

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def conditional(name: str) -> bool:
-    return MODELS.meta(name)["conditional"]
+    return MODELS.get(name).conditional
 
 
 def build(model="vae", arch="seed", shape=(1, 8, 8), **changes):

@@ -98,12 +98,12 @@ def test_every_epoch_is_logged_at_its_step(study, model):
     trial = study.trials[model]
     history = trial.outcome.result.history
     keys = ["train/loss", "val/bce", "val/recon", "samples_per_s"]
-    keys += ["val/elbo", "val/kl"] if MODELS.meta(model)["variational"] else []
+    keys += ["val/elbo", "val/kl"] if MODELS.get(model).variational else []
     for key in keys:
         logged = sorted((m.step, m.value) for m in study.client.get_metric_history(trial.run.info.run_id, key))
         assert logged == [(epoch["epoch"], epoch[key]) for epoch in history], key
     assert [step for step, _ in logged] == list(range(1, EPOCHS + 1))
-    if not MODELS.meta(model)["variational"]:
+    if not MODELS.get(model).variational:
         assert "val/elbo" not in trial.run.data.metrics
 
 
@@ -114,7 +114,7 @@ def test_the_test_metrics_are_logged_once_after_training(study, model):
     expected = {k: v for k, v in trial.outcome.metrics.items() if np.isfinite(v)}
     assert {k: v for k, v in metrics.items() if k.startswith("test/")} == expected
     assert {"test/mse", "test/bce"} <= set(expected)
-    if MODELS.meta(model)["variational"]:
+    if MODELS.get(model).variational:
         assert NOT_FOR_AN_AE <= set(expected)
         assert metrics["test/nll_k"] == 5 and metrics["test/nll_n"] == 50
     else:
@@ -162,7 +162,7 @@ def test_artifacts_live_beside_the_store_not_in_the_working_directory(study):
 def test_images_are_logged_at_the_slider_steps_and_open_as_png(study, model, digits, tmp_path):
     trial = study.trials[model]
     run_id = trial.run.info.run_id
-    keys = IMAGE_KEYS | ({"class_grid"} if MODELS.meta(model)["conditional"] else set())
+    keys = IMAGE_KEYS | ({"class_grid"} if MODELS.get(model).conditional else set())
     final = EPOCHS + 1  # the best model's pictures, after the last epoch
     steps = sorted(image_steps(EPOCHS) | {final})
     assert steps == [1, 2, 3]

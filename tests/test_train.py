@@ -43,7 +43,7 @@ def without_timing(history):
 def test_history_has_the_metrics_of_every_epoch(digits, name):
     result = train(config(model=name, k=2), digits)
     assert [epoch["epoch"] for epoch in result.history] == [1, 2]
-    variational = MODELS.meta(name)["variational"]
+    variational = MODELS.get(name).variational
     for epoch in result.history:
         expected = {"train/loss", "val/recon", "val/mse", "val/bce", *TIMING}
         expected |= {"val/elbo", "val/kl"} if variational else set()

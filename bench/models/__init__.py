@@ -8,11 +8,11 @@ from bench.registry import ARCHS, MODELS
 
 def create_model(cfg, image_shape: tuple[int, int, int], num_classes: int):
     """The model `cfg.model` with architecture `cfg.arch` and likelihood `cfg.loss`."""
-    meta = MODELS.meta(cfg.model)
+    kind = MODELS.get(cfg.model)
     build_arch, likelihood = ARCHS.get(cfg.arch), create_loss(cfg.loss)
-    if meta["conditional"] and num_classes < 2:
+    if kind.conditional and num_classes < 2:
         raise ConfigError(f"model {cfg.model!r} needs a labelled dataset; {cfg.dataset!r} has no labels")
-    cond_dim = num_classes if meta["conditional"] else 0
+    cond_dim = num_classes if kind.conditional else 0
     encoder, decoder = build_arch(tuple(image_shape), cfg.latent, cond_dim=cond_dim, dropout=cfg.dropout)
-    return MODELS.get(cfg.model)(encoder, decoder, likelihood, latent=cfg.latent,
+    return kind(encoder, decoder, likelihood, latent=cfg.latent,
                                  num_classes=num_classes, beta=cfg.beta, k=cfg.k)

@@ -6,13 +6,13 @@ mixture lives in buffers, so it is saved and loaded with the state dict."""
 import torch
 from torch import nn
 
-from bench.models.vae import VAE
+from bench.models.vae import VAE, _recon_text
 from bench.registry import MODELS
 
 MIXTURE_COMPONENTS = 10
 
 
-@MODELS.register("ae", variational=False, conditional=False)
+@MODELS.register("ae")
 class AE(VAE):
     """Autoencoder: reconstruction loss only; samples from a GMM over training latents."""
 
@@ -24,6 +24,10 @@ class AE(VAE):
         self.register_buffer("gmm_weights", torch.full((m,), 1.0 / m))
         self.register_buffer("gmm_means", torch.zeros(m, self.latent))
         self.register_buffer("gmm_stds", torch.ones(m, self.latent))
+
+    @classmethod
+    def objective(cls, cfg) -> str:
+        return _recon_text(cfg)
 
     def encode(self, x, y=None):
         mu, _ = self.encoder(x, self.condition(y))

@@ -8,7 +8,7 @@ from bench.models.vae import VAE
 from bench.registry import MODELS
 
 
-@MODELS.register("cvae", variational=True, conditional=True)
+@MODELS.register("cvae")
 class CVAE(VAE):
     """CVAE: a VAE of p(x|y) with the one-hot label fed to encoder and decoder."""
 

@@ -9,9 +9,14 @@ from bench.models.vae import VAE, gaussian_kl, log_normal
 from bench.registry import MODELS
 
 
-@MODELS.register("iwae", variational=True, conditional=False)
+@MODELS.register("iwae")
 class IWAE(VAE):
     """IWAE: loss = -log mean_k w_k, w_k = p(x|z_k) p(z_k)^beta / q(z_k|x)^beta."""
+
+    @classmethod
+    def objective(cls, cfg) -> str:
+        warm = f", b rising linearly from 0 over {cfg.warmup_epochs} epochs" if cfg.warmup_epochs else ""
+        return f"-log mean_k p(x|z_k) p(z_k)^b / q(z_k|x)^b with k={cfg.k}, b={cfg.beta:g}{warm}"
 
     def terms(self, x, y=None, kl_weight: float = 1.0, generator=None):
         mu, sigma = self.encode(x, y)

@@ -29,12 +29,12 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, sigma: torch.Ten
     return (-0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * LOG_2PI).sum(-1)
 
 
-@MODELS.register("vae", variational=True, conditional=False)
+@MODELS.register("vae")
 class VAE(nn.Module):
     """VAE: loss = -log p(x|z) + beta * KL(q(z|x) || p(z)), one reparameterised sample."""
 
-    variational = True
-    conditional = False
+    variational = True    # has q(z|x) and a bound on log p(x): read as MODELS.get(name).variational
+    conditional = False   # is given the label y
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, likelihood: nn.Module,
                  latent: int, num_classes: int = 0, beta: float = 1.0, k: int = 1):
@@ -64,7 +64,22 @@ class VAE(nn.Module):
         return torch.randn(n, self.latent, generator=generator, device=device or weights.device,
                            dtype=weights.dtype)
 
+    def mean_image(self, z, y=None) -> torch.Tensor:
+        """The likelihood's mean of p(x|z): what pictures of samples and reconstructions show."""
+        return self.likelihood.mean(self.decode(z, y))
+
     @torch.no_grad()
     def sample(self, n: int, y=None, generator=None) -> torch.Tensor:
-        """Mean images sigmoid(decoder(z)) for z from the prior, in [0, 1]."""
-        return torch.sigmoid(self.decode(self.prior_sample(n, generator), y))
+        """Mean images of p(x|z) for z from the prior."""
+        return self.mean_image(self.prior_sample(n, generator), y)
+
+    @classmethod
+    def objective(cls, cfg) -> str:
+        """The exact loss a run of this model minimises, in words: no hidden weights."""
+        warm = (f", KL weight rising linearly from 0 over {cfg.warmup_epochs} epochs "
+                f"(per {cfg.warmup_schedule})" if cfg.warmup_epochs else "")
+        return f"{_recon_text(cfg)} + {cfg.beta:g} * KL(q(z|x) || N(0, I)){warm}"
+
+
+def _recon_text(cfg) -> str:
+    return f"-log p(x|z) under likelihood '{cfg.loss}' (nats, summed over pixels)"

@@ -127,9 +127,13 @@ def cmd_sweep(args):
         except ImportError:
             write_report = None
         if write_report is not None:
-            path = write_report(spec.name, results=results, tracking_uri=out.tracking_uri)
+            path = write_report(spec.name, results=results, tracking_uri=out.tracking_uri, storage=out.storage)
             print(f"report: {path / 'report.html'}")
-    print(f"browse the runs: make ui  (mlflow ui on {out.tracking_uri})")
+    from bench import tracking
+
+    url = tracking.experiment_url(tracking.ui_base(out.tracking_uri), out.experiment_id)
+    how = "" if out.tracking_uri.startswith("http") else "make ui, then open "
+    print(f"browse the runs: {how}{url}")
     return 1 if out.failed else 0
 
 
@@ -146,31 +150,42 @@ def cmd_worker(args):
 def cmd_report(args):
     from bench.report import write_report
 
-    path = write_report(args.experiment, results=_results(args), tracking_uri=args.tracking_uri)
+    path = write_report(args.experiment, results=_results(args), tracking_uri=args.tracking_uri,
+                        storage=args.storage)
     print(f"report: {path / 'report.html'}\n        {path / 'report.md'}")
     return 0
 
 
 def cmd_table(args):
-    from bench.tables import PAPERS, run_table
+    from bench import sweep
+    from bench.tables import PAPERS, paper_spec, write_table
 
     names = list(PAPERS) if args.name == "all" else [args.name]
     for name in names:
         if name not in PAPERS:
             raise BenchError(f"unknown paper table {name!r}: choose from {', '.join(PAPERS)} or all")
-        print(run_table(name, results=_results(args), full=args.full, workers=args.workers))
+        outcome = sweep.run_study(paper_spec(name, args.full), results=_results(args), workers=args.workers)
+        print(write_table(name, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri))
     return 0
 
 
 def cmd_ui(args):
     from bench import locations
 
+    from bench import tracking
+
     uri = args.tracking_uri or locations.default_tracking(_results(args))
     if locations.sqlite_path(uri) is not None and not locations.sqlite_path(uri).exists():
         raise BenchError(f"no MLflow store at {uri}: run `make sweep` (or `bench train ...`) first")
+    client = tracking.connect(uri)
+    experiments = sorted((e for e in client.search_experiments() if e.name != "Default"),
+                         key=lambda e: e.creation_time or 0, reverse=True)
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow UI on http://{args.host}:{args.port} (store {uri}); Ctrl-C stops it", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
+    for e in experiments[:5]:  # newest first; the Model training view, not the GenAI one
+        print(f"  {e.name}: {tracking.experiment_url(base, e.experiment_id)}", flush=True)
     os.execv(cmd[0], cmd)
 
 
@@ -244,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="write the comparison report of a study from MLflow")
     p.add_argument("experiment", nargs="?", help="study / MLflow experiment (default: the latest)")
     p.add_argument("--tracking-uri")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///<results>/optuna.db): a search's plots")
     _add_results(p)
     p.set_defaults(func=cmd_report)
 

@@ -49,6 +49,7 @@ class StudyOutcome:
     trained_now: int = 0
     seconds: float = 0.0
     summary: str = ""
+    experiment_id: str = ""
 
 
 # ---------------------------------------------------------------- locations and Optuna objects
@@ -300,7 +301,9 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
         tracking.end_run(client, parent, "KILLED", "the study was interrupted; run it again to resume")
         raise
     tracking.end_run(client, parent, "FINISHED")
-    return outcome(spec, url, uri, trained, time.perf_counter() - started)
+    result = outcome(spec, url, uri, trained, time.perf_counter() - started)
+    result.experiment_id = exp_id
+    return result
 
 
 def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: int) -> int:

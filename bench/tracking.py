@@ -108,6 +108,17 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return None if path is None else (path.resolve().parent / "artifacts" / experiment).as_uri()
 
 
+def experiment_url(base: str, exp_id: str) -> str:
+    """The experiment's page in the MLflow UI at `base`, in its "Model training" view: MLflow 3's
+    UI opens in its GenAI view unless the URL asks for `workflowType=machine_learning`."""
+    return f"{base.rstrip('/')}/#/experiments/{exp_id}?workflowType=machine_learning"
+
+
+def ui_base(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
+    """Where a user sees the store `uri`: the tracking server itself, or `make ui`'s address."""
+    return uri if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
+
+
 def environment_tags() -> dict[str, str]:
     """Versions, device and git state: what is needed to trust and reproduce a number."""
     import optuna

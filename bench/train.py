@@ -116,20 +116,13 @@ def normalise_gradients(params: list[torch.Tensor]) -> None:
         torch._foreach_div_(grads, norms)
 
 
-class _Progress:
-    """One self-rewriting status line on a terminal; silent otherwise."""
+def _progress_bar(enabled: bool | None, total: int, first: int):
+    """A tqdm bar over the epochs on a terminal; a disabled one (prints nothing) otherwise."""
+    from tqdm.auto import tqdm
 
-    def __init__(self, enabled: bool | None):
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-
-    def update(self, text: str) -> None:
-        if self.enabled:
-            sys.stderr.write("\r" + text[:120].ljust(120))
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+    enabled = sys.stderr.isatty() if enabled is None else enabled
+    return tqdm(total=total, initial=first - 1, unit="epoch", disable=not enabled, leave=False,
+                dynamic_ncols=True)
 
 
 STATE_FILE = "state.pt"   # the whole training state, for resuming a killed trial
@@ -212,7 +205,7 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
         history, bad_epochs, stopped_early = saved["history"], saved["bad_epochs"], saved["stopped_early"]
         first_epoch, elapsed = saved["epoch"] + 1, saved["seconds"]
     normgrad = cfg.optimizer == "adamnormgrad"
-    bar = _Progress(progress)
+    bar = _progress_bar(progress, cfg.epochs, first_epoch)
     started = time.perf_counter() - elapsed
     last_save = time.monotonic()
 
@@ -236,7 +229,8 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
             model.train()
             t0 = time.perf_counter()
             perm = torch.randperm(n, generator=order_gen, device=device)
-            loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+            # per-step losses stay on the device: no host sync per step, one check per epoch
+            step_losses = torch.empty(steps, device=device)
             for step in range(steps):
                 idx = perm[step * bs:(step + 1) * bs]
                 xb = x_train[idx]
@@ -244,25 +238,31 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
                     xb = binarize_batch(xb, order_gen)
                 yb = y_train[idx] if model.conditional else None
                 loss = model.terms(xb, yb, kl_weight(cfg, epoch, step / steps))["loss"].mean()
-                if not torch.isfinite(loss):
-                    raise DivergedError(f"training diverged: loss is {loss.item()} at epoch {epoch}, "
-                                        f"step {step + 1} of {steps}; lower lr (now {cfg.lr:g}) or "
-                                        "use a bounded likelihood", epoch=epoch, step=step + 1)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if normgrad:
                     normalise_gradients(params)
                 optimizer.step()
-                loss_sum += loss.detach() * len(idx)
-                if bar.enabled and step % 20 == 0:
-                    bar.update(f"epoch {epoch}/{cfg.epochs} step {step + 1}/{steps} loss {loss.item():.2f}")
+                step_losses[step] = loss.detach()
+                if not bar.disable and step % 50 == 0:
+                    bar.set_postfix_str(f"step {step + 1}/{steps} loss {loss.item():.2f}", refresh=True)
+            finite = torch.isfinite(step_losses)
+            if not bool(finite.all()):
+                step = int((~finite).nonzero()[0])  # the first step whose loss was not finite
+                raise DivergedError(f"training diverged: loss is {step_losses[step].item()} at epoch {epoch}, "
+                                    f"step {step + 1} of {steps}; lower lr (now {cfg.lr:g}) or "
+                                    "use a bounded likelihood", epoch=epoch, step=step + 1)
+            sizes = torch.full((steps,), float(bs), device=device, dtype=torch.float64)
+            sizes[-1] = n - bs * (steps - 1)
+            loss_sum = (step_losses.double() * sizes).sum()
             train_seconds = time.perf_counter() - t0
             metrics = {"train/loss": float(loss_sum) / n, "kl_weight": kl_weight(cfg, epoch, 1.0),
                        **validate(model, x_val, y_val, torch.Generator(device).manual_seed(val_gen_seed)),
                        "seconds": time.perf_counter() - t0, "samples_per_s": n / train_seconds}
             history.append({"epoch": epoch, **metrics})
-            bar.update(f"epoch {epoch}/{cfg.epochs} train/loss {metrics['train/loss']:.2f} "
-                       f"{selection} {metrics[selection]:.2f} {metrics['samples_per_s']:,.0f} samples/s")
+            bar.update(1)
+            bar.set_postfix_str(f"train/loss {metrics['train/loss']:.2f} {selection} {metrics[selection]:.2f} "
+                                f"{metrics['samples_per_s']:,.0f} samples/s")
             if not math.isfinite(metrics[selection]):
                 raise DivergedError(f"training diverged: validation {selection} is {metrics[selection]} "
                                     f"after epoch {epoch}; lower lr (now {cfg.lr:g}) or use a bounded "

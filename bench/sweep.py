@@ -318,7 +318,7 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
                                "--threads", str(threads), "--worker-id", str(i + 1)], env=env)
              for i in range(workers)]
     try:
-        codes = [p.wait() for p in procs]
+        codes = _wait_with_bar(spec, url, procs)
     except KeyboardInterrupt:
         # On a terminal the workers got the same SIGINT and are failing their trials now; a
         # second signal could cut that short, so forward it only to those still running later.
@@ -335,6 +335,27 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
         raise StudyError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
                          "(see above); run the same command again to resume")
     return -1  # the processes ran the trials: `outcome` counts them from the storage
+
+
+def _wait_with_bar(spec: StudySpec, url: str, procs: list) -> list[int]:
+    """Wait for the worker processes; on a terminal, a tqdm bar of the study's trials done of
+    all (with its ETA), read from the storage every few seconds. Off a terminal, the workers'
+    own lines are the progress."""
+    if not sys.stderr.isatty():
+        return [p.wait() for p in procs]
+    from tqdm.auto import tqdm
+
+    study = open_study(spec, queue.open_storage(url), create=False)
+    total = len(queue.slots(spec))
+
+    def done() -> int:
+        return len(study.get_trials(deepcopy=False, states=queue.DONE_STATES))
+
+    with tqdm(total=total, initial=done(), unit="trial", desc=f"study {spec.name}", dynamic_ncols=True) as bar:
+        while any(p.poll() is None for p in procs):
+            time.sleep(2)
+            bar.update(done() - bar.n)
+    return [p.wait() for p in procs]
 
 
 def load_any_spec(path: str | Path) -> StudySpec:

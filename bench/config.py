@@ -44,13 +44,14 @@ class RunConfig:
     # evaluation
     eval_k: int = 5000          # importance samples for test/nll (5000 as in the papers)
     eval_n: int = 0             # test images used for test/nll; 0 = the whole test set
+    quality_n: int = 10000      # samples for the sample-quality metrics (test/fd, ...); 0 = off
 
     def __post_init__(self) -> None:
         for name in ("latent", "batch_size", "epochs", "k", "eval_k"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_epochs", "patience", "eval_n", "seed"):
+        for name in ("warmup_epochs", "patience", "eval_n", "quality_n", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")

@@ -6,10 +6,18 @@ Metric names used everywhere after this (tracking, reports):
 - `nll` (-log p(x) estimated with k importance samples, lower is better) with `nll_k` beside it,
 - `bits_per_dim` (nll, or -elbo without an nll, divided by D ln 2),
 - `active_units` (Burda et al.: dimensions with Cov_x(E_q[z_u]) > 0.01),
-- `mse`, `bce`: loss-agnostic reconstruction errors of decode(E_q[z]) per image, for any model.
-A deterministic AE has no elbo/recon-bound/kl/nll: they are absent, never 0. A CVAE's numbers
-are conditional on the true label. Monte Carlo draws use a generator of their own, never the
+- `mse`, `bce`: loss-agnostic reconstruction errors of decode(E_q[z]) per image, for any model,
+- `nll_marginal` (conditional models, given `data=`): -log p(x) = -log sum_y p(y) p(x|y), the
+  number comparable with an unconditional model's `nll`,
+- sample quality (given `data=` and `cache_dir=`): `fd`, `precision`, `recall`,
+  `class_entropy`, `cond_acc` (conditional models), `probe_acc`, `classifier_acc`,
+  `quality_n`, `quality_seconds` (see `bench.quality`).
+A deterministic AE has no elbo/recon-bound/kl/nll: they are absent, never 0. A CVAE's elbo and
+nll are conditional on the true label. Monte Carlo draws use a generator of their own, never the
 one that drew or binarised the data.
+
+A metric's registry entry says when it applies: `variational=True` (models with q(z|x)),
+`conditional=True` (models given a label), `needs=(...)` (context that must be present).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bench import quality  # noqa: F401  (registers the sample-quality metrics)
 from bench.models.vae import gaussian_kl, log_normal
 from bench.registry import METRICS
 
@@ -104,7 +113,8 @@ def _mean(t: torch.Tensor) -> float:
     return float(t.double().mean())
 
 
-@METRICS.register("elbo", variational=True)
+@METRICS.register("elbo", variational=True, better={"elbo": "higher", "recon": "lower", "kl": None},
+                  unit="nats per image", likelihood=("elbo", "recon"), given_label=("elbo", "recon", "kl"))
 def elbo_metric(model, x, y, ctx):
     """ELBO, reconstruction and analytic KL (nats per image), one sample per image."""
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
@@ -114,7 +124,10 @@ def elbo_metric(model, x, y, ctx):
     return {name: s / len(x) for name, s in sums.items()}
 
 
-@METRICS.register("nll", variational=True)
+@METRICS.register("nll", variational=True,
+                  better={"nll": "lower", "bits_per_dim": "lower", "nll_k": None, "nll_n": None},
+                  unit={"nll": "nats per image", "bits_per_dim": "bits per dimension"},
+                  likelihood=("nll", "bits_per_dim"), given_label=("nll", "bits_per_dim"))
 def nll_metric(model, x, y, ctx):
     """-log p(x) by importance sampling with k samples (nats per image, lower is better)."""
     n = ctx["nll_n"] or len(x)
@@ -126,7 +139,27 @@ def nll_metric(model, x, y, ctx):
     return {"nll": total / n, "nll_k": float(k), "nll_n": float(n)}
 
 
-@METRICS.register("reconstruction")
+@METRICS.register("nll-marginal", variational=True, conditional=True, needs=("data",),
+                  better={"nll_marginal": "lower"}, unit="nats per image", likelihood=("nll_marginal",))
+def nll_marginal_metric(model, x, y, ctx):
+    """A conditional model's -log p(x) = -log sum_y p(y) p(x|y) (nats per image, lower is
+    better): p(x|y) by importance sampling with k samples per label, the sum over labels exact,
+    p(y) the training labels' frequencies. On the images `nll` uses (its `nll_n`)."""
+    n, k = ctx["nll_n"] or len(x), ctx["k"]
+    counts = torch.bincount(ctx["data"].train.y.cpu(), minlength=model.num_classes).double()
+    labels = [c for c in range(model.num_classes) if counts[c] > 0]
+    log_prior = (counts[labels] / counts.sum()).log().to(x.device)
+    total = 0.0
+    batch = max(1, min(ctx["batch_size"], 2**22 // max(1, k)))
+    for xb, _ in _batches(x[:n], None, batch):
+        log_px_y = torch.stack([iwae_log_likelihood(model, xb, torch.full((len(xb),), c, device=x.device),
+                                                    k, ctx["generator"]) for c in labels])
+        total -= float(torch.logsumexp(log_px_y + log_prior[:, None], 0).sum())
+    return {"nll_marginal": total / n}
+
+
+@METRICS.register("reconstruction", better={"mse": "lower", "bce": "lower"}, given_label=("mse", "bce"),
+                  unit={"mse": "squared error per image", "bce": "nats per image"})
 def reconstruction_metric(model, x, y, ctx):
     """Loss-agnostic squared error and Bernoulli cross-entropy of the mean reconstruction."""
     sq, bce = 0.0, 0.0
@@ -136,7 +169,8 @@ def reconstruction_metric(model, x, y, ctx):
     return {"mse": sq / len(x), "bce": bce / len(x)}
 
 
-@METRICS.register("latent", variational=True)
+@METRICS.register("latent", variational=True, better={"active_units": None}, unit="dimensions",
+                  given_label=("active_units",))
 def latent_metric(model, x, y, ctx):
     """Active units (Cov_x(E_q[z_u]) > 0.01) and the KL of each latent dimension."""
     mus, kls = [], []
@@ -150,22 +184,37 @@ def latent_metric(model, x, y, ctx):
     return {"active_units": float((variance > 0.01).sum())}
 
 
+def applies(name: str, model, ctx: dict) -> bool:
+    """Whether metric `name` applies to `model` given what the evaluation was handed."""
+    meta = METRICS.meta(name)
+    return ((model.variational or not meta.get("variational"))
+            and (model.conditional or not meta.get("conditional"))
+            and all(ctx.get(need) for need in meta.get("needs", ())))
+
+
 @torch.no_grad()
 def evaluate(model, x: torch.Tensor, y: torch.Tensor | None, *, k: int = 5000, nll_n: int = 0,
              batch_size: int = 500, seed: int = EVAL_SEED, metrics: list[str] | None = None,
-             binary_data: bool | None = None) -> Evaluation:
-    """Every applicable metric in METRICS (or those named) on images x with labels y."""
+             binary_data: bool | None = None, data=None, cache_dir=None,
+             quality_n: int = 10_000) -> Evaluation:
+    """Every applicable metric in METRICS (or those named) on images x with labels y.
+
+    `data` (the bench.data.Dataset that x comes from) gives the training split to metrics that
+    need it (`nll_marginal`, the probe); with `cache_dir` (where the judge classifier is cached,
+    `<results>/cache`) and `quality_n` > 0 the sample-quality metrics run on
+    min(quality_n, test size) samples. Without them those metrics are skipped."""
     was_training = model.training
     model.eval()
     device = x.device
-    ctx = {"k": k, "nll_n": nll_n, "batch_size": batch_size,
-           "generator": torch.Generator(device).manual_seed(seed)}
+    ctx = {"k": k, "nll_n": nll_n, "batch_size": batch_size, "seed": seed, "device": device,
+           "generator": torch.Generator(device).manual_seed(seed),
+           "data": data, "cache_dir": cache_dir, "quality_n": quality_n,
+           "quality": data is not None and cache_dir is not None and quality_n > 0}
     values: dict[str, float] = {}
     try:
         for name in metrics or METRICS.names():
-            if METRICS.meta(name).get("variational") and not model.variational:
-                continue
-            values.update(METRICS.get(name)(model, x, y, ctx))
+            if applies(name, model, ctx):
+                values.update(METRICS.get(name)(model, x, y, ctx))
     finally:
         model.train(was_training)
     bound = values.get("nll", -values["elbo"] if "elbo" in values else None)

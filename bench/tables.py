@@ -9,7 +9,8 @@ spec. The published column holds only what the paper printed, on the paper's dat
 sit in a column of their own named by our data, and a difference to the published number is
 shown only where the data are the same.
 
-    markdown = run_table("burda2015", results=Path("results"))   # trains, then renders
+    run_study(paper_spec("burda2015"), results=Path("results"))   # bench.sweep: trains
+    markdown = write_table("burda2015", results=Path("results"))  # renders what MLflow holds
     markdown, latex = render_table("burda2015", load_runs(uri, "burda2015"), full=False)
 """
 
@@ -21,20 +22,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import (DPI, LIKELIHOOD_METRICS, MIN_SEEDS, ReportError, differences_table,
-                          figure_metrics, finished, format_stat, latex_table, load_runs,
-                          loss_verdict, markdown_table, paired_differences)
-from bench.spec import EXPERIMENTS_DIR, load_spec
+from bench import tracking
+from bench.report.document import differences_table, format_stat, latex_table, markdown_table
+from bench.report.figures import CONDITIONAL_NOTE, DPI, figure_metrics
+from bench.report.runs import ReportError, load_runs
+from bench.report.stats import (MIN_SEEDS, better_text, conditional_model, facts, finished,
+                                loss_verdict, paired_differences)
+from bench.spec import EXPERIMENTS_DIR, StudySpec, load_spec
 
 PAPER_DIR = EXPERIMENTS_DIR / "paper"
 # RunConfig fields whose value in our runs is checked against the paper's budget (the -full spec).
 COMPARED = ("dataset", "binarize", "arch", "latent", "epochs", "batch_size", "optimizer", "lr",
             "warmup_epochs", "warmup_schedule", "patience", "eval_k", "eval_n")
-METRIC_NAMES = {"test/nll": "test NLL (nats, lower is better)",
-                "test/elbo": "test ELBO (nats, higher is better)",
-                "test/active_units": "active units",
-                "test/bce": "test BCE (nats, lower is better)",
-                "test/mse": "test squared error (lower is better)"}
 
 
 @dataclass(frozen=True)
@@ -146,28 +145,28 @@ def paper_named(name: str) -> Paper:
     return PAPERS[name]
 
 
-def run_table(name: str, *, results: Path, full: bool = False, workers: int = 1,
-              tracking_uri: str | None = None, storage: str | None = None) -> str:
-    """Run (or resume) the paper's study at the CPU or the paper's budget, then write
-    `<results>/tables/<study>.md` and `.tex` (plus `.png` where the paper is a figure) and
-    return the markdown. <study> is the spec's study name: `<name>` or `<name>-full`."""
-    from bench.sweep import run_study  # the sweep pulls in Optuna and torch; rendering does not
+def paper_spec(name: str, full: bool = False) -> StudySpec:
+    """The study behind paper `name`: its CPU budget, or the paper's (`full`). Run it with
+    `bench.sweep.run_study`, then render it with `write_table`."""
+    return load_spec(paper_named(name).spec_path(full))
 
-    paper = paper_named(name)
-    spec = load_spec(paper.spec_path(full))
-    outcome = run_study(spec, results=results, workers=workers, storage=storage,
-                        tracking_uri_=tracking_uri)
-    runs = load_runs(outcome.tracking_uri, outcome.experiment)
+
+def write_table(name: str, *, results: Path, full: bool = False, tracking_uri: str | None = None) -> str:
+    """Write `<results>/tables/<study>.md` and `.tex` (plus `.png` where the paper is a figure)
+    from the runs of the paper's study in MLflow and return the markdown. <study> is the spec's
+    study name: `<name>` or `<name>-full`. Default store: `<results>/mlflow.db`."""
+    study = paper_spec(name, full).name
+    runs = load_runs(tracking_uri or tracking.default_uri(results), study)
     markdown, latex = render_table(name, runs, full=full)
     out = Path(results) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     drawn = table_figure(name, runs)
     if drawn is not None:
         figure, caption = drawn
-        figure.savefig(out / f"{spec.name}.png", dpi=DPI, facecolor="white")
-        markdown += f"\n![{spec.name}]({spec.name}.png)\n\n*{caption}*\n"
-    (out / f"{spec.name}.md").write_text(markdown)
-    (out / f"{spec.name}.tex").write_text(latex)
+        figure.savefig(out / f"{study}.png", dpi=DPI, facecolor="white")
+        markdown += f"\n![{study}]({study}.png)\n\n*{caption}*\n"
+    (out / f"{study}.md").write_text(markdown)
+    (out / f"{study}.tex").write_text(latex)
     return markdown
 
 
@@ -188,7 +187,7 @@ def render_table(name: str, runs: pd.DataFrame, *, full: bool) -> tuple[str, str
     same_data = set(done["dataset"]) == {paper.dataset} if not done.empty else False
     header = ["model"]
     for metric in paper.metrics:
-        header += [f"{METRIC_NAMES.get(metric, metric)}: published ({paper.data})",
+        header += [f"{_metric_name(metric)}: published ({paper.data})",
                    f"ours ({ours})"]
         if same_data:
             header.append("ours − published")
@@ -217,6 +216,8 @@ def render_table(name: str, runs: pd.DataFrame, *, full: bool) -> tuple[str, str
     differences = _differences(paper, done)
     notes = [f"Our numbers: mean ± sd over seeds (n); * marks fewer than {MIN_SEEDS} seeds, † nats "
              "of a likelihood that is not a density on this data."]
+    if any("‡" in cell for row in rows for cell in row):
+        notes.append(CONDITIONAL_NOTE)
     if not same_data:
         notes.append(f"Our numbers are on {ours}, not on the paper's {paper.data}: they are not "
                      "the published quantity and are not subtracted from it.")
@@ -274,11 +275,18 @@ def _ours(chosen: pd.DataFrame, metric: str, trained: bool) -> tuple[str, str, f
     n = len(values)
     std = float(values.std(ddof=1)) if n > 1 else float("nan")
     proper = bool(chosen["proper_density"].eq(True).all())
-    marks = "†" if metric in LIKELIHOOD_METRICS and not proper else ""
+    conditional = facts(metric)["given_label"] and bool(chosen["model"].map(conditional_model).all())
+    marks = ("†" if facts(metric)["likelihood"] and not proper else "") + ("‡" if conditional else "")
     digits = 1 if metric == "test/active_units" else 2
     mean = float(values.mean())
     return (format_stat(mean, std, n, digits, marks=marks),
             format_stat(mean, std, n, digits, latex=True, marks=marks), mean)
+
+
+def _metric_name(metric: str) -> str:
+    """"test/nll (nats per image, lower is better)": the facts as the metric's entry states them."""
+    unit = facts(metric)["unit"]
+    return f"{metric} ({unit + ', ' if unit else ''}{better_text(metric)})"
 
 
 def _leading_number(text: str) -> float:

@@ -15,7 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from bench.config import RunConfig
+from bench.data import Dataset, Split
 from bench.evaluate import (elbo_terms, evaluate, iwae_log_likelihood,
                             reconstruction_errors)
 from bench.losses import FixedGaussian
@@ -191,6 +194,95 @@ def test_bits_per_dim_falls_back_to_the_elbo_without_an_nll(ppca, images):
     m = evaluate(ppca.vae(), images, None, metrics=["elbo"]).metrics
     assert "nll" not in m
     assert m["bits_per_dim"] == pytest.approx(-m["elbo"] / (D * math.log(2)), rel=1e-12)
+
+
+# -- a conditional model's marginal likelihood ----------------------------------------------
+# x | z, y ~ N(W z + b_y, s^2 I): p(x|y) = N(x; b_y, W W^T + s^2 I), so
+# log p(x) = log sum_y p(y) N(x; b_y, W W^T + s^2 I) exactly, with the posterior of each label
+# q*(z|x, y) = N(M^-1 W^T (x - b_y), s^2 M^-1).
+
+LABEL_FREQUENCIES = (0.5, 0.3, 0.2)  # of the training labels: p(y) is not uniform
+
+
+class LabelPosteriorEncoder(nn.Module):
+    def __init__(self, model: LinearGaussian, offsets: torch.Tensor, shift: float):
+        super().__init__()
+        self.model, self.offsets, self.shift = model, offsets, shift
+
+    def forward(self, x, c):
+        m = self.model
+        mu = (x.flatten(1) - c @ self.offsets) @ m.W @ torch.linalg.inv(m.M) + self.shift
+        return mu, (m.s / torch.sqrt(torch.diagonal(m.M))).expand_as(mu)
+
+
+class LabelMeanDecoder(nn.Module):
+    def __init__(self, model: LinearGaussian, offsets: torch.Tensor):
+        super().__init__()
+        self.model, self.offsets = model, offsets
+
+    def forward(self, z, c):
+        return (z @ self.model.W.T + c @ self.offsets).view(-1, *IMAGE)
+
+
+class LinearCVAE(VAE):
+    conditional = True
+
+    def condition(self, y):
+        return F.one_hot(y, self.num_classes).to(F64)
+
+
+@pytest.fixture(scope="module")
+def labelled(ppca):
+    """A conditional linear-Gaussian model, its exact log p(x) and log p(x|y), test images with
+    labels drawn from p(y), and a Dataset whose training labels have the frequencies p(y)."""
+    offsets = 1.5 * torch.randn(len(LABEL_FREQUENCIES), D, generator=seeded(20), dtype=F64)
+    prior = torch.tensor(LABEL_FREQUENCIES, dtype=F64)
+    y = torch.multinomial(prior, 300, replacement=True, generator=seeded(21))
+    x = (ppca.sample(300, seeded(22)).flatten(1) - ppca.b + offsets[y]).view(-1, *IMAGE)
+    cov = ppca.W @ ppca.W.T + ppca.s**2 * torch.eye(D, dtype=F64)
+    log_px_y = torch.stack([torch.distributions.MultivariateNormal(b, cov).log_prob(x.flatten(1))
+                            for b in offsets])                                   # (labels, N)
+    train_y = torch.repeat_interleave(torch.arange(3), torch.tensor([50, 30, 20]))
+    split = Split(torch.zeros(len(train_y), *IMAGE), train_y)
+    data = Dataset("linear-gaussian", split, split, split, 3, "none", "tests")
+
+    def model(shift: float = 0.0):
+        return LinearCVAE(LabelPosteriorEncoder(ppca, offsets, shift), LabelMeanDecoder(ppca, offsets),
+                          FixedGaussian(sigma=ppca.s, identity=True), latent=LATENT, num_classes=3)
+
+    log_px = torch.logsumexp(log_px_y + prior.log()[:, None], 0)
+    return {"model": model, "x": x, "y": y, "data": data, "log_px": log_px,
+            "log_px_given_y": log_px_y.gather(0, y[None])[0]}
+
+
+def test_cvae_marginal_nll_equals_the_closed_form(labelled):
+    """With each label's exact posterior every importance weight is p(x|y): the marginal
+    -log sum_y p(y) p(x|y), with p(y) from the training labels, is exact for any k."""
+    m = evaluate(labelled["model"](), labelled["x"], labelled["y"], k=3, data=labelled["data"]).metrics
+    assert m["nll_marginal"] == pytest.approx(-float(labelled["log_px"].mean()), abs=1e-9)
+    assert m["nll"] == pytest.approx(-float(labelled["log_px_given_y"].mean()), abs=1e-9)  # conditional
+    # on average log p(x|y) exceeds log p(x) by I(x; y) >= 0; per image p(x) >= p(y) p(x|y)
+    assert m["nll"] < m["nll_marginal"]
+    log_py = torch.tensor(LABEL_FREQUENCIES, dtype=F64).log()[labelled["y"]]
+    assert m["nll_marginal"] <= m["nll"] - float(log_py.mean())
+    on_ten = evaluate(labelled["model"](), labelled["x"], labelled["y"], k=3, nll_n=10,
+                      data=labelled["data"]).metrics
+    assert on_ten["nll_marginal"] == pytest.approx(-float(labelled["log_px"][:10].mean()), abs=1e-9)
+
+
+def test_cvae_marginal_nll_needs_the_training_labels(labelled):
+    m = evaluate(labelled["model"](), labelled["x"], labelled["y"], k=3).metrics
+    assert "nll_marginal" not in m and "nll" in m
+
+
+def test_cvae_marginal_nll_tightens_from_above_as_k_grows(labelled):
+    """With a poorer q each label's estimate is biased low, so the marginal NLL is above the
+    truth on average and falls towards it as k grows."""
+    poor, exact = labelled["model"](shift=0.6), -float(labelled["log_px"].mean())
+    gaps = [evaluate(poor, labelled["x"], labelled["y"], k=k, data=labelled["data"],
+                     metrics=["nll-marginal"]).metrics["nll_marginal"] - exact for k in (1, 10, 200)]
+    assert gaps[0] > gaps[1] > gaps[2] > 0
+    assert gaps[2] < 0.1 * gaps[0]
 
 
 # -- Monte Carlo draws -----------------------------------------------------------------------

@@ -124,6 +124,18 @@ def test_load_runs_gives_one_row_per_trial_with_typed_params_and_states(runs):
     assert ae["test/elbo"].isna().all() and ae["test/nll"].isna().all()  # absent, never 0
 
 
+def test_the_objective_is_read_from_the_sweeps_tags_and_old_runs_from_their_sentence():
+    from bench.report.runs import objective_of
+
+    assert objective_of({"vaebench.objective_metric": "val/elbo", "vaebench.objective_direction": "maximize",
+                         "vaebench.objective": "val/bce (minimize) of the epoch chosen by validation"}) == \
+        ("val/elbo", "maximize")  # the structured tags win
+    assert objective_of({"vaebench.objective": "val/bce (minimize) of the epoch chosen by validation"}) == \
+        ("val/bce", "minimize")  # runs logged before the tags existed (this module's store)
+    assert objective_of({"vaebench.selection": "val/elbo"}) == ("val/elbo", "maximize")  # bench train
+    assert objective_of({}) == ("", "")
+
+
 def test_summary_has_mean_std_and_n_over_seeds_and_flags_small_cells(runs):
     summary = summarize(runs).set_index(["model", "loss", "latent", "metric"])
     cell = summary.loc[("vae", "bce", 2, "test/bce")]
@@ -277,6 +289,9 @@ def test_report_on_the_smoke_study(tmp_path, new_store, monkeypatch):
     client = tracking.connect(outcome.tracking_uri)
     csv = pd.read_csv(out / "runs.csv")
     assert len(csv) == outcome.trials and set(csv["state"]) == {"FINISHED"}
+    text = (out / "report.md").read_text()
+    assert "| cvae | bce |" in text and "(n=1)*‡" in text  # the CVAE's numbers are conditional
+    assert "BCE or MSE?" in text and "Holm" in text
     for _, row in csv.iterrows():
         for name, value in client.get_run(row["run_id"]).data.metrics.items():
             assert row[name] == value, name

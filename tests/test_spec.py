@@ -263,7 +263,7 @@ MISTAKES = [
     (spec_with(search={"n_trials": 2, "samplr": "tpe", "params": {"beta": {
         "type": "float", "low": 0.5, "high": 2}}}), ["'samplr' in [search]", "'sampler'"]),
     (spec_with(search={"n_trials": 2, "params": {"beta": {
-        "type": "float", "low": 0.5, "hihg": 2}}}), ["unknown key 'hihg'", "low, high"]),
+        "type": "float", "low": 0.5, "hihg": 2}}}), ["unknown key 'hihg'", "did you mean 'high'?"]),
     ({"grid": {"latent": [2]}}, ["missing [study]"]),
     (spec_with(study={"name": None}), ["missing name in [study]"]),
     # a key in two tables; the study-only fields
@@ -283,7 +283,7 @@ MISTAKES = [
     (spec_with(fixed={"batch_size": True}), ["batch_size = true", "an integer"]),
     (spec_with(fixed={"batch_size": [32, 64]}), ["batch_size in [fixed]", "move it to [grid]"]),
     (spec_with(grid={"latent": 8}), ["latent in [grid]", "must be a list"]),
-    (spec_with(study={"epochs": "10"}), ['epochs = "10" in [study]', "positive integer"]),
+    (spec_with(study={"epochs": "10"}), ['epochs = "10" in [study]', "an integer"]),
     (spec_with(study={"name": 3}), ["name = 3 in [study]", "a string"]),
     ({**BASE, "fixed": [1, 2]}, ["fixed in tiny.toml must be a table"]),
     # empty, duplicate, out-of-range values
@@ -291,10 +291,10 @@ MISTAKES = [
     (spec_with(study={"seeds": []}), ["seeds in [study]", "non-empty list"]),
     (spec_with(study={"seeds": 0}), ["seeds = [0]"]),
     (spec_with(study={"seeds": [0, 0]}), ["duplicate seeds"]),
-    (spec_with(study={"seeds": [-1]}), ["seed -1", ">= 0"]),
+    (spec_with(study={"seeds": [-1]}), ["seed = -1 in [study]", ">= 0"]),
     (spec_with(grid={"latent": [2, 8, 2]}), ["duplicate value(s) 2 in latent in [grid]"]),
     (spec_with(study={"epochs": 0}), ["epochs = 0 in [study]", "positive integer"]),
-    (spec_with(study={"binarize": "yes"}), ["unknown binarize 'yes'", "none, static, dynamic"]),
+    (spec_with(study={"binarize": "yes"}), ['binarize = "yes" in [study]', "none, static, dynamic"]),
     (spec_with(study={"storage": "optuna.db"}), ["storage = 'optuna.db'", "sqlite:///"]),
     (spec_with(study={"time_budget_minutes": 0}), ["time_budget_minutes = 0", "> 0"]),
     # the search
@@ -320,7 +320,7 @@ MISTAKES = [
     (spec_with(search={"n_trials": 2, "params": {"k": {"type": "float", "low": 1, "high": 5}}}),
      ["type = 'float' for k", 'use type = "int"']),
     (spec_with(search={"n_trials": 2, "params": {"k": {"type": "int", "low": 1.5, "high": 5}}}),
-     ["low = 1.5 for k", "k takes an integer"]),
+     ["low = 1.5 in the int distribution of k", "low takes an integer"]),
     (spec_with(search={"n_trials": 2, "params": {"loss": {"type": "categorical", "choices": []}}}),
      ["no choices for loss"]),
     (spec_with(search={"n_trials": 2, "params": {"k": {"type": "categorical",
@@ -328,7 +328,7 @@ MISTAKES = [
      ['k = "5" in [search.params]', "an integer"]),
     (spec_with(search={"n_trials": 2, "params": {"beta": {"type": "categorical",
                                                           "choices": [0.5, 2], "low": 1}}}),
-     ["unknown key 'low' for the categorical distribution of beta"]),
+     ["unknown key 'low' in the categorical distribution of beta"]),
     # registry names, wherever they appear
     (spec_with(grid={"model": ["ae", "vea"]}), ["[grid] model", "unknown model 'vea'",
                                                 "did you mean 'vae'"]),
@@ -353,10 +353,12 @@ MISTAKES = [
     (spec_with(study={"direction": "maximize"}),
      ["direction = 'maximize' contradicts objective 'val/bce'", "use direction = 'minimize'"]),
     (spec_with(study={"direction": "up"}), ["unknown direction 'up'"]),
-    # every cell must be a valid RunConfig
-    (spec_with(grid={"latent": [0, 2]}), ["cell model=ae,latent=0,seed=0 of tiny.toml",
-                                          "latent must be a positive integer"]),
-    (spec_with(fixed={"dropout": 1.5}), ["cell model=ae,latent=2,seed=0", "dropout"]),
+    # ranges are RunConfig's: the spec says where the value is, RunConfig what is wrong with it
+    (spec_with(grid={"latent": [0, 2]}), ["latent = 0 in [grid] of tiny.toml",
+                                          "latent must be a positive integer, got 0"]),
+    (spec_with(fixed={"dropout": 1.5}), ["dropout = 1.5 in [fixed]", "dropout must be in [0, 1)"]),
+    (spec_with(study={"epochs": {"digits": 0}}), ["epochs = 0 in [study] epochs.digits",
+                                                  "epochs must be a positive integer"]),
     (spec_with(search={"n_trials": 2, "params": {"dropout": {"type": "float", "low": 0,
                                                              "high": 1}}}),
      ["dropout = 1.0 from [search.params]", "narrow the distribution"]),

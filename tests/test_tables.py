@@ -13,7 +13,7 @@ from bench.config import RunConfig
 from bench.errors import BenchError
 from bench.report import load_runs
 from bench.spec import load_spec
-from bench.tables import PAPERS, render_table, run_table
+from bench.tables import PAPERS, paper_spec, render_table, write_table
 
 # Fields a paper's CPU budget may cut; everything else must match its -full spec.
 BUDGET = {"dataset", "epochs", "eval_k", "eval_n", "warmup_epochs", "seed"}
@@ -96,7 +96,9 @@ def test_seed_table_answers_bce_or_mse_with_paired_intervals(mlflow_uri, tmp_pat
     markdown, _ = render_table("seed", runs, full=False)
     assert "MSE looked better" in markdown
     assert "| VAE, bce | — | 100.10 ± 0.10 (n=3) |" in markdown
-    assert "| vae | test/bce | -2.90 | [-3.15, -2.65] | 3 | bce better |" in markdown
+    # t = -2.9 / (0.1 / sqrt 3) with 2 degrees of freedom: p = 0.000396, one cell (Holm: the same)
+    assert "| vae | test/bce | -2.90 | [-3.15, -2.65] | 3 | 0.000396 | bce better |" in markdown
+    assert "| vae | test/mse | +0.00 | [+0.00, +0.00] | 3 | 1 | no clear difference |" in markdown
     assert "the measured numbers contradict it" in markdown
     assert "not comparable" in markdown  # test/nll: bce is not a density on grey pixels
     assert "| CVAE, bce | — | not run |" in markdown
@@ -107,9 +109,22 @@ def test_unknown_paper_is_a_clear_error():
         render_table("nope", None, full=False)
 
 
+def test_tables_do_not_import_the_sweep():
+    """The CLI runs the study, then renders the table: rendering needs neither Optuna nor torch's
+    training loop, so bench.tables does not import bench.sweep."""
+    import ast
+
+    tree = ast.parse(open(tables.__file__).read())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "bench.sweep" not in imported and not hasattr(tables, "run_table")
+
+
 @pytest.mark.slow
-def test_run_table_trains_the_study_and_writes_markdown_latex_and_the_figure(tmp_path, new_store,
+def test_a_paper_study_run_then_rendered_writes_markdown_latex_and_the_figure(tmp_path, new_store,
                                                                               monkeypatch):
+    from bench.sweep import run_study
+
     papers = tmp_path / "paper"
     papers.mkdir()
     shutil.copy(PAPERS["kingma2013"].spec_path(full=True), papers)
@@ -120,7 +135,8 @@ def test_run_table_trains_the_study_and_writes_markdown_latex_and_the_figure(tmp
     monkeypatch.setattr(tables, "PAPER_DIR", papers)
     monkeypatch.chdir(tmp_path)
     new_store(tmp_path)
-    markdown = run_table("kingma2013", results=tmp_path)
+    outcome = run_study(paper_spec("kingma2013"), results=tmp_path, progress=False)
+    markdown = write_table("kingma2013", results=tmp_path, tracking_uri=outcome.tracking_uri)
     assert "| VAE, latent 3 | — |" in markdown and "| VAE, latent 20 | — | not run |" in markdown
     assert "dataset: digits here; mnist in the paper's budget (MNIST)" in markdown
     for suffix in ("md", "tex", "png"):

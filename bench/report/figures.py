@@ -1,0 +1,435 @@
+"""Figures of a study, each a function of the runs returning (matplotlib Figure, caption) or
+None when there is nothing to draw. Every figure is 1400 px wide, drawn headless on Figure
+objects; every caption names the data, the budget, the seeds and n behind the picture, and
+marks † (nats of a likelihood that is not a density on the data) and ‡ (a conditional model's
+numbers, given the true label) where they appear. A search's figures are Optuna's own."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")  # a report is drawn headless
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from bench.report.stats import (HEADLINE, MIN_SEEDS, better_text, cell_label,  # noqa: E402
+                                conditional_model, facts, finished, grid_axes, study_objective)
+
+DPI = 100
+WIDTH_IN = 14.0  # every figure is 1400 px wide
+LINESTYLES = ["-", "--", ":", "-."]
+DASHES = ["", (4, 2), (1, 2), (4, 1, 1, 1)]  # the same four styles as seaborn dash patterns
+MARKERS = ["o", "s", "^", "D", "v", "P"]
+CONDITIONAL_NOTE = ("‡ marks a conditional model (a CVAE): its numbers are computed given the true "
+                    "label (its ELBO and NLL are log p(x|y), not log p(x)), so they are not set "
+                    "beside the others' like with like; test/nll_marginal is its log p(x).")
+
+
+@dataclass
+class Context:
+    """What every caption names: the data, the budget and the seeds behind the numbers."""
+
+    dataset: str
+    binarize: str
+    epochs: str
+    seeds: list[int]
+    objective: str = ""
+    direction: str = ""
+
+    @classmethod
+    def of(cls, runs: pd.DataFrame) -> "Context":
+        def values(column):
+            return sorted(set(runs[column].dropna())) if column in runs else []
+
+        epochs = values("epochs")
+        return cls(", ".join(map(str, values("dataset"))), ", ".join(map(str, values("binarize"))),
+                   (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}") if epochs else "?",
+                   [int(s) for s in values("seed")], *study_objective(runs))
+
+    def text(self, n: str) -> str:
+        seeds = ", ".join(map(str, self.seeds))
+        return (f"Dataset {self.dataset} (binarize {self.binarize}), {self.epochs} epochs, "
+                f"seed{'s' if len(self.seeds) != 1 else ''} {seeds}; {n}.")
+
+
+def _figure(height_in: float) -> Figure:
+    return Figure(figsize=(WIDTH_IN, height_in), dpi=DPI, layout="constrained")
+
+
+def _panels(count: int, row_height_in: float, columns: int = 4):
+    """A figure with `count` panels, at most `columns` a row; unused cells are hidden."""
+    ncols = min(count, columns)
+    fig = _figure(row_height_in * math.ceil(count / ncols) + 0.8)
+    grid = fig.subplots(math.ceil(count / ncols), ncols, squeeze=False)
+    for ax in grid.flat[count:]:
+        ax.set_visible(False)
+    return fig, grid
+
+
+def _n_text(done: pd.DataFrame, by: list[str]) -> str:
+    counts = done.groupby(by, sort=False).size() if by else pd.Series([len(done)])
+    low, high = int(counts.min()), int(counts.max())
+    n = f"n = {low}" if low == high else f"n = {low} to {high}"
+    return (n + (" seed per point" if high == 1 else " seeds per point")
+            + (f" (fewer than {MIN_SEEDS}: flagged)" if low < MIN_SEEDS else ""))
+
+
+def _labels(frame: pd.DataFrame, axes: list[str], metrics) -> pd.Series:
+    """Series labels, with ‡ on a conditional model's where a drawn metric is conditional."""
+    labels = cell_label(frame, axes)
+    if any(facts(m)["given_label"] for m in metrics):
+        labels = labels + np.where(frame["model"].map(conditional_model), " ‡", "")
+    return labels
+
+
+def _note(labels) -> str:
+    return " " + CONDITIONAL_NOTE if any(str(label).endswith("‡") for label in labels) else ""
+
+
+def _palette(labels) -> dict:
+    labels = list(dict.fromkeys(labels))
+    return dict(zip(labels, sns.color_palette("colorblind" if len(labels) <= 10 else "husl", len(labels))))
+
+
+def _styles(frame: pd.DataFrame, labels: pd.Series) -> tuple[dict, dict]:
+    """A colour per series label and a line style (index into LINESTYLES / DASHES) by its loss,
+    so a loss looks the same in every figure."""
+    losses = list(dict.fromkeys(frame["loss"]))
+    return _palette(labels), {name: losses.index(loss) % len(LINESTYLES)
+                              for name, loss in zip(labels, frame["loss"])}
+
+
+def _legend(colors: dict, styles: dict, names: list, markers: bool = False) -> list[Line2D]:
+    return [Line2D([], [], color=colors[name], linestyle=LINESTYLES[styles[name]], label=name,
+                   marker=MARKERS[i % len(MARKERS)] if markers else None)
+            for i, name in enumerate(names)]
+
+
+def _proper(p: pd.Series) -> bool:
+    return bool(p.eq(True).all())
+
+
+def _ylabel(metric: str) -> str:
+    return facts(metric)["unit"] or metric
+
+
+def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> tuple[Figure, str] | None:
+    """Each metric against `x` (log2 axis) per series (the other grid axes), mean ± 1 sd over
+    seeds. Likelihood panels draw hollow, dotted markers where the likelihood is not a density
+    on the data. Without an `x` axis in the grid the series are placed side by side."""
+    done = finished(runs)
+    panels = [m for m in metrics if m in done and done[m].notna().any()]
+    if not panels:
+        return None
+    axes = grid_axes(runs)
+    numeric = x in axes and done[x].nunique() > 1
+    done = done.assign(_series=_labels(done, [a for a in axes if a != x] if numeric else axes, panels),
+                       _x=done[x] if numeric else 0)
+    colors, styles = _styles(done, done["_series"])
+    series = list(colors)
+    improper_seen = False
+    with sns.axes_style("whitegrid"):
+        fig, grid = _panels(len(panels), 4.2)
+        for ax, metric in zip(grid.flat, panels):
+            for i, name in enumerate(series):
+                rows = done[(done["_series"] == name) & done[metric].notna()]
+                if rows.empty:
+                    continue
+                agg = rows.groupby("_x").agg(mean=(metric, "mean"), std=(metric, "std"),
+                                             proper=("proper_density", _proper))
+                fair = agg["proper"].to_numpy(dtype=bool) | (not facts(metric)["likelihood"])
+                pos = agg.index.to_numpy(dtype=float) if numeric else np.array([i], dtype=float)
+                marker = MARKERS[i % len(MARKERS)]
+                ax.errorbar(pos, agg["mean"], yerr=agg["std"].fillna(0), color=colors[name], capsize=3,
+                            linestyle=LINESTYLES[styles[name]] if fair.all() else ":", linewidth=1.6)
+                ax.scatter(pos[fair], agg["mean"][fair], color=colors[name], s=36, zorder=3, marker=marker)
+                ax.scatter(pos[~fair], agg["mean"][~fair], facecolor="white", edgecolor=colors[name],
+                           s=36, zorder=3, marker=marker, linewidth=1.5)
+                improper_seen |= bool((~fair).any())
+            ax.set_title(f"{metric} ({better_text(metric)})", fontsize=11)
+            if numeric:
+                ticks = sorted(done[x].unique())
+                ax.set_xscale("log", base=2)
+                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.minorticks_off()
+                ax.set_xlabel(x)
+            else:
+                ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=8)
+                ax.set_xlim(-0.5, len(series) - 0.5)
+            ax.set_ylabel(_ylabel(metric))
+        handles = _legend(colors, styles, series, markers=True)
+        if improper_seen:
+            handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white",
+                                  linestyle=":", label="hollow: not a density on this data"))
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=9)
+    context = Context.of(done)
+    fig.suptitle(f"Test metrics — {context.dataset} ({context.binarize}), {context.epochs} epochs",
+                 fontsize=12)
+    notes = []
+    if {"test/mse", "test/bce"} & set(panels):
+        notes.append("test/mse and test/bce are measured the same way whatever loss trained the "
+                     "model: one yardstick for every loss.")
+    if any(facts(m)["likelihood"] for m in panels):
+        notes.append("test/elbo and test/nll are nats under each run's own likelihood, comparable "
+                     "across losses only where it is a density on the data"
+                     + (" (hollow markers and dotted lines mark where it is not)." if improper_seen else "."))
+    caption = (f"Test metrics of the best epoch against {x if numeric else 'cell'}, mean ± 1 sd "
+               f"over seeds. " + "; ".join(f"{m}: {better_text(m)}" for m in panels) + ". "
+               + " ".join(notes) + _note(series) + " " + context.text(_n_text(done, axes)))
+    return fig, caption
+
+
+def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str] | None:
+    """Validation metrics per epoch, mean and ±1 sd band over seeds; one column per latent size."""
+    if curves.empty:
+        return None
+    axes = grid_axes(runs)
+    facet = "latent" in axes and runs["latent"].nunique() > 1
+    metrics = [m for m in ("val/elbo", "val/bce") if m in set(curves["metric"])]
+    labels = _labels(runs, [a for a in axes if not (facet and a == "latent")], metrics)
+    colors, styles = _styles(runs, labels)
+    info = pd.DataFrame({"run_id": runs["run_id"], "series": labels, "facet": runs["latent"] if facet else 0})
+    data = curves.merge(info, on="run_id")
+    facets = sorted(data["facet"].unique())
+    if len(facets) > 6:  # at most six columns stay readable: an evenly spread choice
+        facets = [facets[i] for i in np.linspace(0, len(facets) - 1, 6).round().astype(int)]
+    dashes = {name: DASHES[style] for name, style in styles.items()}
+    with sns.axes_style("whitegrid"):
+        fig = _figure(3.6 * len(metrics) + 0.9)
+        grid = fig.subplots(len(metrics), len(facets), squeeze=False, sharex=True)
+        for r, metric in enumerate(metrics):
+            for c, value in enumerate(facets):
+                ax = grid[r, c]
+                part = data[(data["metric"] == metric) & (data["facet"] == value)]
+                if not part.empty:
+                    sns.lineplot(part, x="epoch", y="value", hue="series", style="series",
+                                 palette=colors, dashes=dashes, errorbar="sd", ax=ax, legend=False)
+                ax.set_title(f"{metric} ({better_text(metric)})" + (f" · latent {value}" if facet else ""),
+                             fontsize=10)
+                ax.set_ylabel("nats per image" if c == 0 else "")
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        shown = [name for name in colors if name in set(data["series"])]
+        fig.legend(handles=_legend(colors, styles, shown), loc="outside lower center",
+                   ncol=min(len(shown), 7), fontsize=9)
+    context = Context.of(runs)
+    fig.suptitle(f"Learning curves — {context.dataset} ({context.binarize})", fontsize=12)
+    per_line = data.groupby(["series", "facet"])["run_id"].nunique()
+    n = f"{per_line.min()}" if per_line.min() == per_line.max() else f"{per_line.min()} to {per_line.max()}"
+    caption = ("Validation metrics per epoch: the line is the mean over seeds, the band ±1 sd "
+               "(no band where a cell has one seed). "
+               + "; ".join(f"{m}: {better_text(m)}" for m in metrics) + ". val/elbo is in nats of "
+               "each run's own likelihood; val/bce is the same yardstick for every loss."
+               + _note(shown) + " " + context.text(f"n = {n} runs per line"))
+    return fig, caption
+
+
+def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
+    """The study's objective over latent × loss, one heatmap per remaining cell (e.g. model),
+    on one colour scale; the annotation gives mean and n, † where it is not comparable."""
+    done = finished(runs)
+    if not study_objective(runs)[0] or done["objective"].notna().sum() == 0:
+        return None
+    axes = grid_axes(runs)
+    context = Context.of(done)
+    done = done.assign(_facet=_labels(done, [a for a in axes if a not in ("loss", "latent")],
+                                      [context.objective]))
+    nats = facts(context.objective)["likelihood"]
+    facets = list(dict.fromkeys(done["_facet"]))
+    cmap = "viridis" if context.direction == "maximize" else "viridis_r"  # bright = better
+    with sns.axes_style("whitegrid"):
+        fig, grid = _panels(len(facets), 3.4)
+        for i, (ax, name) in enumerate(zip(grid.flat, facets)):
+            agg = done[done["_facet"] == name].groupby(["loss", "latent"]).agg(
+                mean=("objective", "mean"), n=("objective", "count"),
+                proper=("proper_density", _proper)).reset_index()
+            agg["text"] = [f"{m:.2f}\nn={n}{'*' if n < MIN_SEEDS else ''}{'†' if nats and not p else ''}"
+                           for m, n, p in zip(agg["mean"], agg["n"], agg["proper"])]
+            means = agg.pivot(index="loss", columns="latent", values="mean")
+            texts = agg.pivot(index="loss", columns="latent", values="text").reindex_like(means)
+            sns.heatmap(means, annot=texts.fillna("").to_numpy(), fmt="", cmap=cmap, ax=ax,
+                        vmin=done["objective"].min(), vmax=done["objective"].max(),
+                        cbar=i == len(facets) - 1, linewidths=0.5, annot_kws={"fontsize": 9},
+                        cbar_kws={"label": f"{context.objective} ({better_text(context.objective)})"})
+            ax.set_title(name, fontsize=11)
+    fig.suptitle(f"Objective {context.objective} ({context.direction}) — {context.dataset}", fontsize=12)
+    caption = (f"The study's objective {context.objective} at the epoch validation chose, mean over "
+               f"seeds per cell ({better_text(context.objective)}; brighter is better), one colour "
+               "scale for all panels. * marks fewer than 3 seeds"
+               + ("; † marks cells whose likelihood is not a density on this data, whose nats are "
+                  "not comparable with the other losses'" if nats else
+                  f"; {context.objective} is loss-agnostic, so every cell is comparable")
+               + "." + _note(facets) + " " + context.text(_n_text(done, axes)))
+    return fig, caption
+
+
+def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
+    """KL(q(z|x) || p(z)) against -log p(x|z) per run, one panel per loss (distortion is in
+    that likelihood's nats); cell means joined in order of latent size."""
+    done = finished(runs)
+    if "test/kl" not in done or done["test/kl"].notna().sum() == 0:
+        return None
+    done = done[done["test/kl"].notna() & done["test/recon"].notna()]
+    axes = grid_axes(runs)
+    done = done.assign(_series=_labels(done, [a for a in axes if a not in ("loss", "latent")],
+                                       ["test/kl", "test/recon"]))
+    colors = _palette(done["_series"])
+    losses = list(dict.fromkeys(done["loss"]))
+    with sns.axes_style("whitegrid"):
+        fig = _figure(5.0)
+        for ax, loss in zip(fig.subplots(1, len(losses), squeeze=False).flat, losses):
+            part = done[done["loss"] == loss]
+            sns.scatterplot(part, x="test/kl", y="test/recon", hue="_series", palette=colors,
+                            ax=ax, legend=False, s=30, alpha=0.7)
+            for name, rows in part.groupby("_series", sort=False):
+                by = "latent" if "latent" in rows else "_series"
+                means = rows.groupby(by)[["test/kl", "test/recon"]].mean().sort_index()
+                ax.plot(means["test/kl"], means["test/recon"], color=colors[name], linewidth=1.2)
+                for latent, point in means.iterrows() if by == "latent" else ():
+                    ax.annotate(f"z={latent}", (point["test/kl"], point["test/recon"]),
+                                fontsize=8, xytext=(4, 4), textcoords="offset points")
+            proper = _proper(part["proper_density"])
+            ax.set_title(f"loss {loss}" + ("" if proper else " (not a density on this data)"), fontsize=11)
+            ax.set_xlabel("rate: test/kl (nats)")
+            ax.set_ylabel(f"distortion: test/recon (nats under {loss})")
+        handles = [Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items()]
+        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9)
+    context = Context.of(done)
+    fig.suptitle(f"Rate vs distortion — {context.dataset} ({context.binarize})", fontsize=12)
+    skipped = sorted(set(finished(runs)["model"]) - set(done["model"]))
+    caption = ("Rate (KL from the encoder to the prior) against distortion (−log p(x|z)) on the "
+               "test set, one point per run and lines through the cell means by latent size (z). "
+               "Lower-left is better; the negative ELBO is their sum, so lines of slope −1 are "
+               "lines of equal ELBO. Distortion is in each loss's own nats, so panels are not "
+               "compared with each other." + (f" Not shown (no KL, not variational): {', '.join(skipped)}."
+                                              if skipped else "")
+               + _note(colors) + " " + context.text(_n_text(done, axes)))
+    return fig, caption
+
+
+def figure_seconds(runs: pd.DataFrame) -> tuple[Figure, str] | None:
+    """Wall-clock seconds per finished trial (training and evaluation), per cell."""
+    done = finished(runs)
+    if "trial_seconds" not in done or done["trial_seconds"].notna().sum() == 0:
+        return None
+    axes = grid_axes(runs)
+    done = done.assign(cell_=cell_label(done, axes))
+    cells = list(dict.fromkeys(done["cell_"]))
+    with sns.axes_style("whitegrid"):
+        fig = _figure(min(14.0, 1.6 + 0.32 * len(cells)))
+        ax = fig.subplots()
+        sns.barplot(done, y="cell_", x="trial_seconds", order=cells, errorbar="sd", ax=ax,
+                    color=sns.color_palette("colorblind")[0], alpha=0.6)
+        sns.stripplot(done, y="cell_", x="trial_seconds", order=cells, ax=ax, color="black", size=4)
+        ax.set_xlabel("seconds per trial (lower is faster)")
+        ax.set_ylabel("")
+    context = Context.of(done)
+    devices = ", ".join(sorted({d for d in done.get("hardware", pd.Series(dtype=str)) if d})) or "unknown"
+    fig.suptitle(f"Seconds per trial — {context.dataset}, {context.epochs} epochs", fontsize=12)
+    caption = ("Seconds per finished trial, training and evaluation (MLflow metric trial_seconds): "
+               "bar = mean, whisker = ±1 sd, dots = runs; lower is faster. Failed and pruned trials "
+               f"are not timed here (see the list below). Device: {devices}. "
+               + context.text(_n_text(done, axes)))
+    return fig, caption
+
+
+def figure_seed(runs: pd.DataFrame, images) -> tuple[Figure, str] | None:
+    """The seed's figure done properly: per model, samples and reconstructions of the bce- and
+    the mse-trained run side by side, same latent size and seed, from the images each run
+    logged (`images(run_id)` -> {"samples": array, "recon": array}, e.g. runs.run_images)."""
+    done = finished(runs)
+    if done.empty:
+        return None
+    latent = 32 if (done["latent"] == 32).any() else int(done["latent"].max())
+    seed = int(done["seed"].min())
+    chosen = done[(done["latent"] == latent) & (done["seed"] == seed)]
+    chosen = chosen.assign(group=cell_label(chosen, [a for a in grid_axes(runs) if a not in ("loss", "latent")]))
+    losses = sorted(set(chosen["loss"]), key=lambda loss: ({"bce": 0, "mse": 1}.get(loss, 2), loss))[:4]
+    panels = {(row["group"], row["loss"]): (row, images(row["run_id"]))
+              for _, row in chosen.iterrows() if row["loss"] in losses}
+    groups = [g for g in dict.fromkeys(chosen["group"]) if any(panels.get((g, l), (0, {}))[1] for l in losses)]
+    if not groups:
+        return None
+    column_in = WIDTH_IN / len(losses)
+
+    def height(group, key, most):  # inches of one row of pictures, title included
+        shapes = [panels[(group, l)][1][key].shape for l in losses if key in panels.get((group, l), (0, {}))[1]]
+        return (min(most, column_in * 0.92 * max(h / w for h, w in shapes)) if shapes else 0.1) + 0.4
+
+    rows = [(group, key) for group in groups for key in ("samples", "recon")]
+    heights = [height(group, key, 4.0 if key == "samples" else 2.5) for group, key in rows]
+    fig = _figure(sum(heights) + 0.8)
+    grid = fig.subplots(len(rows), len(losses), squeeze=False, gridspec_kw={"height_ratios": heights})
+    for (group, key), axes_row in zip(rows, grid):
+        for loss, ax in zip(losses, axes_row):
+            ax.set_axis_off()
+            run, pictures = panels.get((group, loss), (None, {}))
+            if key not in pictures:
+                ax.text(0.5, 0.5, f"{group} · {loss}: no {key} logged", ha="center", va="center",
+                        transform=ax.transAxes)
+                continue
+            ax.imshow(pictures[key], cmap="gray", vmin=0, vmax=255, interpolation="antialiased")
+            what = "samples from the prior" if key == "samples" else "test images (top) and reconstructions"
+            numbers = ", ".join(f"{m} {run[m]:.2f}" for m in ("test/bce", "test/mse") if pd.notna(run.get(m)))
+            ax.set_title(f"{group} · {loss} · latent {latent} · seed {seed}: {what}"
+                         + (f"\n{numbers}" if key == "samples" and numbers else ""), fontsize=9)
+    context = Context.of(done)
+    what = (f"{' and '.join(losses)} side by side" if len(losses) > 1
+            else f"Samples and reconstructions ({losses[0]})")
+    fig.suptitle(f"{what} — {context.dataset} ({context.binarize}), {context.epochs} epochs", fontsize=12)
+    caption = (f"The seed's comparison done properly: for each model, the run trained with "
+               f"{' and with '.join(losses)} at the same latent size ({latent}) and seed ({seed}), "
+               "each showing mean images of prior samples and the same ten test images with their "
+               "reconstructions, taken from the images the run logged for its best epoch. The titles "
+               "give test/bce and test/mse, the loss-agnostic yardsticks (lower is better): judge "
+               "by eye, then by number. " + context.text("one run per panel"))
+    return fig, caption
+
+
+def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[Figure, str] | str]:
+    """Optuna's own plots of a search (optuna.visualization.matplotlib): the optimisation
+    history, the objective per epoch of every trial (where the pruner stopped it), fANOVA
+    parameter importances and the objective against each sampled parameter. A plot that cannot
+    be drawn is replaced by the reason."""
+    import matplotlib.pyplot as plt
+    from optuna.importance import FanovaImportanceEvaluator
+    from optuna.visualization import matplotlib as plots
+
+    def draw(plot, height, **kwargs):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study, **kwargs)
+            except (ValueError, RuntimeError) as error:
+                return f"Optuna could not draw it ({str(error).splitlines()[0]})"
+        fig = np.ravel(axes)[0].figure
+        fig.set_size_inches(WIDTH_IN, height)
+        fig.set_dpi(DPI)
+        plt.close(fig)  # drawn and saved like the others, not kept by pyplot
+        return fig
+
+    name = f"{objective} ({better_text(objective)})"
+    done = sum(t.state.name == "COMPLETE" for t in study.trials)
+    drawn = {"optimization_history": (draw(plots.plot_optimization_history, 5, target_name=objective),
+                                      f"The objective {name} of every completed trial in the order "
+                                      f"they ran, and the best so far ({done} completed trials)."),
+             "intermediate_values": (draw(plots.plot_intermediate_values, 5),
+                                     f"{objective} per epoch of every trial, as reported to the "
+                                     "pruner: a line that stops early is a pruned trial."),
+             "param_importances": (draw(plots.plot_param_importances, 4, params=params,
+                                        evaluator=FanovaImportanceEvaluator(seed=0)),
+                                   "How much of the objective's variance each sampled parameter "
+                                   "explains (fANOVA over the completed trials, Optuna's "
+                                   "`optuna.importance`); with few trials, a rough guide."),
+             "objective_vs_params": (draw(plots.plot_slice, 4.5, params=params, target_name=objective),
+                                     f"The objective {name} of each completed trial against each "
+                                     "sampled parameter; colour is the trial number.")}
+    return {key: fig if isinstance(fig, str) else (fig, caption) for key, (fig, caption) in drawn.items()}

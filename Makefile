@@ -41,6 +41,7 @@ paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the 
 
 reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, in the background (resumes)
 	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \
+		--publish docs/reproductions/exemplar2020 \
 		>> $(RESULTS)/reproduce-exemplar2020.log 2>&1 &
 	@echo "training in the background; progress: tail -f $(RESULTS)/reproduce-exemplar2020.log"
 

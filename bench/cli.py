@@ -166,6 +166,11 @@ def cmd_table(args):
             raise BenchError(f"unknown paper table {name!r}: choose from {', '.join(PAPERS)} or all")
         outcome = sweep.run_study(paper_spec(name, args.full), results=_results(args), workers=args.workers)
         print(write_table(name, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri))
+        if args.publish:
+            from bench.publish import publish
+
+            publish(name, args.publish, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri)
+            print(f"published: {args.publish}/ (table.md, table.tex, results.json, validation_curves.png)")
     return 0
 
 
@@ -266,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("table", help="run a paper's study and print our numbers beside the published ones")
     p.add_argument("name", help="exemplar2020 | burda2015 | kingma2013 | seed | all")
     p.add_argument("--full", action="store_true", help="the paper's budget instead of the CPU one")
+    p.add_argument("--publish", metavar="DIR", help="also write the table, results.json and curves to DIR "
+                   "(e.g. docs/reproductions/exemplar2020)")
     p.add_argument("--workers", type=int, default=1)
     _add_results(p)
     p.set_defaults(func=cmd_table)

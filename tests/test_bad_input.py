@@ -181,3 +181,30 @@ def test_restart_retrains_a_changed_spec_from_scratch(capsys, tmp_path):
     assert [r.data.params["epochs"] for r in runs] == ["2"]  # the 1-epoch run is gone from the study
     study = optuna.load_study(study_name="bad", storage=f"sqlite:///{results / 'optuna.db'}")
     assert [t.state.name for t in study.get_trials()] == ["COMPLETE"]
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A results directory nobody may write into: immutable for root (chattr +i), mode 555 else."""
+    import os
+    import shutil
+    import subprocess
+
+    path = tmp_path / "read-only"
+    path.mkdir()
+    if os.geteuid() == 0:
+        if not shutil.which("chattr") or subprocess.run(["chattr", "+i", str(path)]).returncode:
+            pytest.skip("root, and this file system cannot make a directory immutable")
+    else:
+        path.chmod(0o555)
+    yield path
+    if os.geteuid() == 0:
+        subprocess.run(["chattr", "-i", str(path)])
+    else:
+        path.chmod(0o755)
+
+
+def test_a_read_only_results_directory_is_one_line(capsys, tmp_path, read_only):
+    line = run(capsys, ["sweep", spec(tmp_path, GOOD_STUDY)], read_only)
+    assert str(read_only) in line or "read-only" in line.lower() or "permitted" in line.lower(), line
+    assert list(read_only.iterdir()) == []

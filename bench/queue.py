@@ -51,8 +51,10 @@ def open_storage(url: str):
         return optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise StudyError(locations.redact(f"cannot open Optuna storage {url}: {first}; check the URL "
-                                          "(--storage) and that the database server is running")) from None
+        path = locations.sqlite_path(url)
+        hint = (f"check that {path.parent} is a writable directory (--results)" if path is not None else
+                "check the URL (--storage) and that the database server is running")
+        raise StudyError(locations.redact(f"cannot open Optuna storage {url}: {first}; {hint}")) from None
 
 
 def slots(spec: StudySpec) -> list[tuple[str, int, dict]]:

@@ -10,7 +10,7 @@ PORT   ?= 5000
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install sweep test test-fast report paper reproduce services services-stop ui dashboard clean
+.PHONY: help install sweep test test-fast report paper perf reproduce services services-stop ui dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +38,9 @@ report: $(STAMP)  ## write the report of the last study to results/reports/
 
 paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the published numbers
 	$(BIN)/bench table all --results $(RESULTS)
+
+perf: $(STAMP)  ## measure training speed against baselines (writes results/perf.json)
+	$(BIN)/bench perf --out $(RESULTS)/perf.json
 
 reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, in the background (resumes)
 	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \

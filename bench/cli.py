@@ -221,6 +221,13 @@ def cmd_services(args):
     return 0
 
 
+def cmd_perf(args):
+    from bench.perf import main as perf
+
+    print(perf(quick=args.quick, out=args.out))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bench.config import RunConfig, field_types
 
@@ -276,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1)
     _add_results(p)
     p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("perf", help="measure training speed against baselines run alongside (JSON + a table)")
+    p.add_argument("--quick", action="store_true", help="fewer images and rounds (about a minute)")
+    p.add_argument("--out", help="also write the figures as JSON to this file")
+    p.set_defaults(func=cmd_perf)
 
     p = sub.add_parser("services", help="start or stop a local PostgreSQL + MLflow server (scale-out)")
     p.add_argument("action", choices=["start", "stop"])

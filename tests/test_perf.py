@@ -1,0 +1,19 @@
+"""`bench perf` measures and reports; it asserts no speed (benchmarks are never timed tests)."""
+
+import math
+
+import pytest
+
+from bench import perf
+
+
+@pytest.mark.slow
+def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
+    result = perf.run(quick=True, rounds=1)
+    for key in ("trainer_samples_per_s", "naive_samples_per_s", "gemm_samples_per_s", "gemm_ew_samples_per_s",
+                "iwae_images_per_s", "peak_rss_mb"):
+        assert result[key] > 0 and math.isfinite(result[key]), key
+    assert result["gemm_ew_fraction"] == pytest.approx(result["trainer_samples_per_s"] / result["gemm_ew_samples_per_s"])
+    table = perf.markdown(result)
+    assert result["machine"]["torch"] in table and "| `trainer_samples_per_s` |" in table
+    assert all(result[key] is None for key in ("stacked", "pythae_samples_per_s"))  # said, not invented

@@ -41,7 +41,7 @@ from torch import nn
 # Training budget: about `examples` images seen, between min_epochs and max_epochs passes;
 # `junk` extra images of no class per batch of `batch_size` (see `junk_images`).
 HYPERPARAMETERS = {"channels": (32, 64), "width": 128, "dropout": 0.3, "lr": 2e-3,
-                   "batch_size": 128, "junk": 16, "examples": 200_000, "min_epochs": 3,
+                   "batch_size": 128, "junk": 16, "examples": 300_000, "min_epochs": 3,
                    "max_epochs": 20, "seed": 0}
 
 

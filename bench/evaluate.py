@@ -142,9 +142,10 @@ def nll_metric(model, x, y, ctx):
 @METRICS.register("nll-marginal", variational=True, conditional=True, needs=("data",),
                   better={"nll_marginal": "lower"}, unit="nats per image", likelihood=("nll_marginal",))
 def nll_marginal_metric(model, x, y, ctx):
-    """A conditional model's -log p(x) = -log sum_y p(y) p(x|y) (nats per image, lower is
-    better): p(x|y) by importance sampling with k samples per label, the sum over labels exact,
-    p(y) the training labels' frequencies. On the images `nll` uses (its `nll_n`)."""
+    """A conditional model's -log p(x) = -log sum_y p(y) p(x|y), nats per image (lower is better).
+
+    p(x|y) by importance sampling with k samples per label, the sum over labels exact, p(y) the
+    training labels' frequencies; on the images `nll` uses (its `nll_n`)."""
     n, k = ctx["nll_n"] or len(x), ctx["k"]
     counts = torch.bincount(ctx["data"].train.y.cpu(), minlength=model.num_classes).double()
     labels = [c for c in range(model.num_classes) if counts[c] > 0]

@@ -118,7 +118,8 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
                                               if result.resumed_from else {})})
         model = result.model
         test_x, test_y = data.test.x.to(result.device), data.test.y.to(result.device)
-        evaluation = evaluate(model, test_x, test_y, k=cfg.eval_k, nll_n=cfg.eval_n, binary_data=data.binary)
+        evaluation = evaluate(model, test_x, test_y, k=cfg.eval_k, nll_n=cfg.eval_n, binary_data=data.binary,
+                              data=data, cache_dir=Path(results) / "cache", quality_n=cfg.quality_n)
         last = result.history[-1]["epoch"]
         tracking.log_metrics(client, run_id, {**evaluation.prefixed("test"), "trial_seconds": result.seconds,
                                               "best_epoch": result.best_epoch}, step=last)

@@ -18,8 +18,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.Experimental
               pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")]
 
 GOOD_STUDY = '[study]\nname = "bad"\ndataset = "digits"\nepochs = 1\nobjective = "val/bce"\n' \
-             '[fixed]\nlatent = 2\neval_k = 5\neval_n = 50\n'
-TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--latent", "2", "--eval-k", "5", "--eval-n", "20",
+             '[fixed]\nlatent = 2\neval_k = 5\neval_n = 50\nquality_n = 0\n'
+TRAIN = ["train", "--dataset", "digits", "--epochs", "1", "--latent", "2", "--eval-k", "5", "--eval-n", "20", "--quality-n", "0",
          "--device", "cpu"]
 
 

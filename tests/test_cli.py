@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smoke.toml"
 # bench.tracking silences this MLflow warning, but pytest resets warning filters for each test
 pytestmark = pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")
-SMALL = {"model": "vae", "dataset": "digits", "epochs": 1, "latent": 2, "eval_k": 5, "eval_n": 50,
+SMALL = {"model": "vae", "dataset": "digits", "epochs": 1, "latent": 2, "eval_k": 5, "eval_n": 50, "quality_n": 0,
          "device": "cpu"}
 
 
@@ -272,7 +272,7 @@ def test_a_cvae_needs_labels():
 def test_a_sweep_prints_the_comparison_writes_the_report_and_exits_1_on_a_failed_cell(capsys, tmp_path):
     spec = tmp_path / "mixed.toml"
     spec.write_text('[study]\nname = "mixed"\ndataset = "digits"\nepochs = 1\nobjective = "val/bce"\n'
-                    '[grid]\nlr = [1e-3, 1e6]\n[fixed]\nloss = "gaussian"\nlatent = 2\neval_k = 5\neval_n = 50\n')
+                    '[grid]\nlr = [1e-3, 1e6]\n[fixed]\nloss = "gaussian"\nlatent = 2\neval_k = 5\neval_n = 50\nquality_n = 0\n')
     code = main(["sweep", str(spec), "--results", str(tmp_path / "results")])
     out, err = capsys.readouterr()
     assert code == 1

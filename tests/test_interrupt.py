@@ -31,6 +31,7 @@ loss = ["bce", "mse"]
 latent = 2
 eval_k = 5
 eval_n = 50
+quality_n = 0
 """
 
 

@@ -35,6 +35,7 @@ latent = 2
 dropout = 0.2
 eval_k = 5
 eval_n = 50
+quality_n = 0
 """
 # beat every second, stale after 2 s of silence, training state saved after every epoch
 ENV = {"VAEBENCH_HEARTBEAT_S": "1", "VAEBENCH_GRACE_S": "2", "VAEBENCH_STATE_EVERY_S": "0",

@@ -45,6 +45,7 @@ loss = ["bce", "mse"]
 latent = 2
 eval_k = 5
 eval_n = 50
+quality_n = 0
 """
 FAST_RECOVERY = {"VAEBENCH_HEARTBEAT_S": "1", "VAEBENCH_GRACE_S": "2", "VAEBENCH_STATE_EVERY_S": "0",
                  "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}

@@ -74,7 +74,7 @@ def test_default_spec_is_the_seed_question_at_scale():
     assert spec.dataset == "auto" and spec.binarize == "none"
     assert spec.search is None and spec.trials_per_cell == 1
     assert dict(spec.fixed) == {"arch": "seed", "batch_size": 64, "lr": 1e-3,
-                                "eval_k": 100, "eval_n": 500}
+                                "eval_k": 100, "eval_n": 500, "quality_n": 1000}
     assert spec.time_budget_minutes == 15
 
 

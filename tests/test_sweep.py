@@ -19,7 +19,7 @@ from bench.spec import load_spec, override, parse_spec
 pytestmark = [pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning"),
               pytest.mark.filterwarnings("ignore:The specified dataset source can be interpreted")]
 SMOKE = override(load_spec("experiments/smoke.toml"), epochs=1)
-FIXED = {"latent": 2, "eval_k": 5, "eval_n": 50}
+FIXED = {"latent": 2, "eval_k": 5, "eval_n": 50, "quality_n": 0}  # sample quality: test_quality.py
 
 
 def tiny_spec(name: str, grid: dict | None = None, fixed: dict | None = None, **study):

@@ -292,6 +292,10 @@ def test_report_on_the_smoke_study(tmp_path, new_store, monkeypatch):
     text = (out / "report.md").read_text()
     assert "| cvae | bce |" in text and "(n=1)*‡" in text  # the CVAE's numbers are conditional
     assert "BCE or MSE?" in text and "Holm" in text
+    header = next(line for line in text.splitlines() if line.startswith("| model | loss |"))
+    for metric in ("test/elbo", "test/nll", "test/fd", "test/precision", "test/recall", "test/class_entropy"):
+        assert metric in header, metric  # sample quality beside the ELBO and NLL
+    assert "judged by a classifier trained on digits: test accuracy" in text
     for _, row in csv.iterrows():
         for name, value in client.get_run(row["run_id"]).data.metrics.items():
             assert row[name] == value, name

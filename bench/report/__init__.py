@@ -146,6 +146,11 @@ def _facts(uri: str, experiment: str, runs: pd.DataFrame, tags: dict) -> list[st
     if tags.get("vaebench.git_commit"):
         facts_.append(f"git commit {tags['vaebench.git_commit'][:12]}"
                       + (" (with uncommitted changes)" if tags.get("vaebench.git_dirty") == "true" else ""))
+    if "test/classifier_acc" in runs and runs["test/classifier_acc"].notna().any():
+        accuracy = runs["test/classifier_acc"].dropna().iloc[0]
+        facts_.append(f"sample quality (test/fd, precision/recall, class entropy, cond_acc) judged by a "
+                      f"classifier trained on {', '.join(sorted(set(runs['dataset'])))}: test accuracy "
+                      f"{accuracy:.2%}")
     facts_.append(f"written {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC by `bench report`")
     return facts_
 

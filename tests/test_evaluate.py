@@ -128,6 +128,15 @@ def test_iwae_with_the_exact_posterior_is_log_px_for_any_k(ppca, images, k):
     torch.testing.assert_close(estimate, ppca.log_px(images), rtol=0, atol=1e-9)
 
 
+def test_iwae_over_many_chunks_is_still_exact(ppca, images):
+    """The same exact answer when the k samples are drawn in several chunks (here 7 of 16 and a
+    last one of 8 for k = 120): every chunk's weights count, once."""
+    pixels = images[0].numel()
+    chunked = iwae_log_likelihood(ppca.vae(), images, k=120, generator=seeded(2),
+                                  max_elements=16 * len(images) * pixels)
+    torch.testing.assert_close(chunked, ppca.log_px(images), rtol=0, atol=1e-9)
+
+
 def test_elbo_with_the_exact_posterior_is_log_px(ppca, images):
     """ELBO = log p(x) - KL(q || p(z|x)) = log p(x) here, for every image and every sample:
     log p(x, z) - log q(z|x) does not depend on z when q is the posterior."""

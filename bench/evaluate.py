@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import quality  # noqa: F401  (registers the sample-quality metrics)
-from bench.models.vae import gaussian_kl, log_normal
+from bench.models.vae import gaussian_kl, importance_terms, log_normal
 from bench.registry import METRICS
 
 EVAL_SEED = 20_131_223  # Monte Carlo draws of evaluation: fixed, and not any training seed
@@ -99,13 +99,8 @@ def iwae_log_likelihood(model, x, y=None, k: int = 5000, generator=None,
     chunk = max(1, min(k, max_elements // max(1, b * pixels)))
     parts = []
     for start in range(0, k, chunk):
-        n = min(chunk, k - start)
-        eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + sigma * eps
-        logits = model.decode(z.flatten(0, 1), None if y is None else y.repeat(n))
-        log_px_z = -model.likelihood(logits, x.repeat(n, *([1] * (x.dim() - 1)))).view(n, b)
-        log_w = log_px_z + log_normal(z) - log_normal(z, mu, sigma)
-        parts.append(torch.logsumexp(log_w.double(), 0))
+        log_px_z, log_ratio = importance_terms(model, x, y, mu, sigma, min(chunk, k - start), generator)
+        parts.append(torch.logsumexp((log_px_z + log_ratio).double(), 0))
     return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
 
 

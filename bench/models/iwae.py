@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from bench.models.vae import VAE, gaussian_kl, log_normal
+from bench.models.vae import VAE, gaussian_kl, importance_terms
 from bench.registry import MODELS
 
 
@@ -20,11 +20,6 @@ class IWAE(VAE):
 
     def terms(self, x, y=None, kl_weight: float = 1.0, generator=None):
         mu, sigma = self.encode(x, y)
-        b, k = x.shape[0], self.k
-        eps = torch.randn((k, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
-        z = mu + sigma * eps                                     # (k, B, latent)
-        logits = self.decode(z.flatten(0, 1), y if y is None else y.repeat(k))
-        log_px_z = -self.likelihood(logits, x.repeat(k, *([1] * (x.dim() - 1)))).view(k, b)
-        log_ratio = log_normal(z) - log_normal(z, mu, sigma)     # log p(z) - log q(z|x)
-        bound = torch.logsumexp(log_px_z + kl_weight * log_ratio, 0) - math.log(k)
+        log_px_z, log_ratio = importance_terms(self, x, y, mu, sigma, self.k, generator)
+        bound = torch.logsumexp(log_px_z + kl_weight * log_ratio, 0) - math.log(self.k)
         return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": gaussian_kl(mu, sigma).sum(1)}

@@ -29,6 +29,17 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, sigma: torch.Ten
     return (-0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * LOG_2PI).sum(-1)
 
 
+def importance_terms(model, x, y, mu, sigma, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x|z_i), log p(z_i) - log q(z_i|x)), each (n, B), for n draws z_i ~ q(z|x): the
+    log importance weights, split so the IWAE bound can weight the second part (beta). The one
+    place they are computed, for the IWAE's training bound and the evaluation's log p(x)."""
+    eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+    z = mu + sigma * eps                                                  # (n, B, latent)
+    logits = model.decode(z.flatten(0, 1), None if y is None else y.repeat(n))
+    log_px_z = -model.likelihood(logits, x.repeat(n, *([1] * (x.dim() - 1)))).view(n, x.shape[0])
+    return log_px_z, log_normal(z) - log_normal(z, mu, sigma)
+
+
 @MODELS.register("vae")
 class VAE(nn.Module):
     """VAE: loss = -log p(x|z) + beta * KL(q(z|x) || p(z)), one reparameterised sample."""

@@ -10,7 +10,7 @@ PORT   ?= 5000
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install sweep test test-fast report paper perf reproduce services services-stop ui dashboard clean
+.PHONY: help install sweep test test-fast report paper perf mutate reproduce services services-stop ui dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,10 @@ paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the 
 
 perf: $(STAMP)  ## measure training speed against baselines (writes results/perf.json)
 	$(BIN)/bench perf --out $(RESULTS)/perf.json
+
+mutate: $(STAMP)  ## mutation testing of the modules that decide the numbers (slow; not in CI)
+	$(BIN)/pip install --quiet --disable-pip-version-check "mutmut>=3.8,<4"
+	$(BIN)/python tests/mutate.py $(MODULES)
 
 reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, in the background (resumes)
 	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \

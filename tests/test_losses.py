@@ -158,3 +158,41 @@ def test_gaussian_sigma_is_trained_and_saved_with_the_model():
     model = create_model(RunConfig(loss="gaussian", latent=2), (1, 8, 8), num_classes=10)
     assert "likelihood.log_sigma" in model.state_dict()
     assert any(p is model.likelihood.log_sigma for p in model.parameters())
+
+
+# Found by mutation testing (make mutate): at the default sigma^2 = 1/2 and scale 1, dividing
+# and multiplying by 2 sigma^2 or the scale give the same numbers; other values tell them apart.
+@pytest.mark.parametrize("loss", [
+    pytest.param(lambda: LOSSES.get("mse")(sigma=0.3), id="gaussian sigma 0.3"),
+    pytest.param(lambda: LOSSES.get("mse")(sigma=2.0), id="gaussian sigma 2"),
+    pytest.param(lambda: LOSSES.get("laplace")(scale=0.5), id="laplace scale 0.5"),
+    pytest.param(lambda: LOSSES.get("laplace")(scale=3.0), id="laplace scale 3"),
+])
+@pytest.mark.parametrize("logit", [-2.0, 0.0, 1.5])
+def test_non_default_widths_still_normalise(loss, logit):
+    assert total_probability(loss().double(), logit) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_laplace_is_the_sum_of_absolute_errors_over_the_scale_plus_its_constant():
+    x, logits = one_pixel([0.9, 0.1]), one_pixel([0.0, 0.0])  # mean 0.5 for both
+    nll = LOSSES.get("laplace")(scale=2.0)(logits, x)
+    assert nll.tolist() == pytest.approx([0.4 / 2 + math.log(4.0)] * 2)
+    assert LOSSES.get("laplace")().scale == 1.0  # the default: the plain sum of absolute errors
+
+
+def test_an_identity_gaussian_uses_the_decoder_output_as_its_mean():
+    identity, squashed = LOSSES.get("mse")(identity=True), LOSSES.get("mse")()
+    out = torch.tensor([[-3.0, 0.2, 4.0]])
+    assert torch.equal(identity.mean(out), out) and torch.equal(squashed.mean(out), torch.sigmoid(out))
+
+
+def test_the_learned_gaussian_starts_at_sigma_1_and_floors_log_sigma_at_minus_6():
+    loss = LOSSES.get("gaussian")().double()
+    assert float(loss.log_sigma) == 0.0
+    x, logits = one_pixel([0.3]), one_pixel([0.0])
+    with torch.no_grad():
+        loss.log_sigma.fill_(-6.0)
+        at_floor = loss(logits, x)
+        loss.log_sigma.fill_(-9.0)
+        below = loss(logits, x)
+    assert torch.equal(below, at_floor)

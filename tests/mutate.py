@@ -1,0 +1,89 @@
+"""Mutation testing of the modules that decide the numbers (`make mutate`; not in CI: too slow
+for 2 cores). For each module, mutmut 3 mutates it one change at a time in a copy of the
+repository and runs the tests that cover it; a mutant the tests still pass "survived". Writes
+`results/mutation/scores.md` (score per module) and `scores.json` (every survivor by name, to
+be killed by a test or explained in docs/mutation.md).
+
+    python tests/mutate.py [MODULE ...]     # default: every module below
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+OUT = REPO / "results" / "mutation"
+# module -> the tests that claim to cover it (fast ones: each mutant runs them)
+TARGETS = {
+    "bench/losses.py": ["tests/test_losses.py"],
+    "bench/evaluate.py": ["tests/test_evaluate.py"],
+    "bench/models/vae.py": ["tests/test_models.py", "tests/test_evaluate.py"],
+    "bench/models/iwae.py": ["tests/test_models.py"],
+    "bench/models/ae.py": ["tests/test_models.py"],
+    "bench/models/cvae.py": ["tests/test_models.py"],
+    "bench/report/stats.py": ["tests/test_report_stats.py", "tests/test_report.py"],
+    "bench/queue.py": ["tests/test_sweep.py", "tests/test_bad_input.py"],
+}
+
+
+def run_module(module: str, tests: list[str]) -> dict:
+    """Mutate `module` in a fresh copy of the repository; return its counts and survivors."""
+    work = OUT / "work" / module.replace("/", "_")
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "results", "mutants",
+                                                               "__pycache__", "*.egg-info"))
+    selection = json.dumps([*tests, "-m", "not slow", "-p", "no:cacheprovider"])
+    with open(work / "pyproject.toml", "a") as f:
+        f.write(f'\n[tool.mutmut]\nsource_paths = ["{module}"]\npytest_add_cli_args_test_selection = '
+                f'{selection}\nalso_copy = ["bench", "experiments", "tests"]\n')
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=work,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
+                             capture_output=True, text=True).stdout
+    statuses = dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
+    killed = sum(1 for s in statuses.values() if s == "killed")
+    survived = sorted(name for name, s in statuses.items() if s == "survived")
+    diffs = {name: _diff(work, name) for name in survived}
+    counted = sum(1 for s in statuses.values() if s in ("killed", "survived", "timeout"))
+    timeouts = sum(1 for s in statuses.values() if s == "timeout")
+    return {"module": module, "tests": tests, "mutants": len(statuses), "killed": killed + timeouts,
+            "survived": survived, "diffs": diffs,
+            "score": (killed + timeouts) / counted if counted else None,
+            "other": sorted({s for s in statuses.values()} - {"killed", "survived", "timeout"})}
+
+
+def _diff(work: Path, name: str) -> str:
+    shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work, capture_output=True,
+                           text=True).stdout
+    return "\n".join(line for line in shown.splitlines() if line.startswith(("-", "+"))
+                     and not line.startswith(("---", "+++")))
+
+
+def main(modules: list[str]) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    scores = {}
+    path = OUT / "scores.json"
+    if path.exists():
+        scores = json.loads(path.read_text())
+    for module in modules or list(TARGETS):
+        print(f"mutating {module} ...", flush=True)
+        scores[module] = run_module(module, TARGETS[module])
+        path.write_text(json.dumps(scores, indent=2) + "\n")
+        s = scores[module]
+        print(f"  {s['killed']}/{s['mutants']} killed ({(s['score'] or 0):.1%}), {len(s['survived'])} survived",
+              flush=True)
+    lines = ["| module | mutants | killed | score | survivors |", "|---|---|---|---|---|"]
+    for module, s in scores.items():
+        score = "—" if s["score"] is None else f"{s['score']:.1%}"
+        lines.append(f"| `{module}` | {s['mutants']} | {s['killed']} | {score} | {len(s['survived'])} |")
+    (OUT / "scores.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -127,8 +127,11 @@ def cmd_sweep(args):
         except ImportError:
             write_report = None
         if write_report is not None:
-            path = write_report(spec.name, results=results, tracking_uri=out.tracking_uri, storage=out.storage)
-            print(f"report: {path / 'report.html'}")
+            try:
+                path = write_report(spec.name, results=results, tracking_uri=out.tracking_uri, storage=out.storage)
+                print(f"report: {path / 'report.html'}")
+            except Exception as e:  # noqa: BLE001 - the store went away: say so, keep the exit status
+                print(f"report not written: {str(e).splitlines()[0][:300]}", file=sys.stderr)
     from bench import tracking
 
     url = tracking.experiment_url(tracking.ui_base(out.tracking_uri), out.experiment_id)

@@ -230,18 +230,20 @@ def _stop_group(pid: int, timeout_s: float = 20) -> None:
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout_s
-    while _alive(pid) and time.monotonic() < deadline:
+    while alive(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    if _alive(pid):
+    if alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    while _alive(pid):
+    while alive(pid):
         time.sleep(0.1)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether `pid` runs: gone, or a zombie no one has reaped yet (orphans here are reaped
+    late), counts as stopped."""
     try:
         if os.waitpid(pid, os.WNOHANG)[0] == pid:
             return False  # our child, reaped just now

@@ -206,8 +206,8 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker
             "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
             "vaebench.objective_metric": spec.objective, "vaebench.objective_direction": spec.direction,
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
-    resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
-    try:
+    try:  # inside: a lost tracking server fails this trial with the reason, not the worker
+        resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
         outcome = run_tracked(cfg, data, client=client, exp_id=exp_id, parent_run_id=parent, results=results,
                               run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
                               stop_exceptions=(optuna.TrialPruned,), progress=False, resume_run_id=resume)
@@ -298,9 +298,16 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
         elif waiting:
             trained = _run_processes(spec, results, url, uri, min(workers, waiting))
     except BaseException:  # Ctrl-C or a failed worker: the study's run ends too, never left RUNNING
-        tracking.end_run(client, parent, "KILLED", "the study was interrupted; run it again to resume")
+        try:
+            tracking.end_run(client, parent, "KILLED", "the study was interrupted; run it again to resume")
+        except Exception:  # noqa: BLE001 - the store itself is what failed: the original error matters
+            pass
         raise
-    tracking.end_run(client, parent, "FINISHED")
+    try:
+        tracking.end_run(client, parent, "FINISHED")
+    except Exception as e:  # noqa: BLE001 - the tracking server went away: the study's numbers stand
+        print(locations.redact(f"warning: could not end the study's MLflow run ({str(e).splitlines()[0][:200]}); "
+                               "the next run does"), file=sys.stderr)
     result = outcome(spec, url, uri, trained, time.perf_counter() - started)
     result.experiment_id = exp_id
     return result

@@ -40,8 +40,10 @@ def test_ctrl_c_leaves_every_trial_and_run_final_and_the_next_run_resumes(tmp_pa
     cmd = [sys.executable, "-m", "bench", "sweep", str(tmp_path / "spec.toml"), "--workers", "2",
            "--results", str(tmp_path)]
     env = {**os.environ, "VAEBENCH_STATE_EVERY_S": "0"}
+    # a background job of a non-interactive shell inherits SIGINT ignored: give it back, as a
+    # terminal's foreground job has it
     sweep = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             start_new_session=True)
+                             start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     deadline = time.monotonic() + 300
     while True:  # both workers training

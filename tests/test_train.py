@@ -185,15 +185,20 @@ def test_kl_weight_warms_up_linearly():
     assert kl_weight(config(beta=0.5), 1, 0.0) == 0.5  # no warm-up: beta from the first step
 
 
-def test_training_uses_the_warm_up_at_every_step(digits, monkeypatch):
-    weights = []
+def kl_weights_seen(monkeypatch) -> list[float]:
+    """The KL weight of every training step, as the VAE's bound receives it (filled as it trains)."""
+    weights, terms = [], VAE.terms
 
     def recording(self, x, y=None, kl_weight=1.0, generator=None):
         weights.append(kl_weight)
-        return VAE_TERMS(self, x, y, kl_weight, generator)
+        return terms(self, x, y, kl_weight, generator)
 
-    VAE_TERMS = VAE.terms
     monkeypatch.setattr(VAE, "terms", recording)
+    return weights
+
+
+def test_training_uses_the_warm_up_at_every_step(digits, monkeypatch):
+    weights = kl_weights_seen(monkeypatch)
     result = train(config(epochs=3, warmup_epochs=2), digits)
     expected = [min(1.0, (epoch + step / STEPS) / 2) for epoch in range(3) for step in range(STEPS)]
     assert weights == pytest.approx(expected)
@@ -263,14 +268,7 @@ def test_adamnormgrad_scales_each_gradient_to_unit_norm_before_adam():
 
 
 def test_training_passes_beta_to_the_bound(digits, monkeypatch):
-    weights = []
-
-    def recording(self, x, y=None, kl_weight=1.0, generator=None):
-        weights.append(kl_weight)
-        return VAE_TERMS(self, x, y, kl_weight, generator)
-
-    VAE_TERMS = VAE.terms
-    monkeypatch.setattr(VAE, "terms", recording)
+    weights = kl_weights_seen(monkeypatch)
     result = train(config(epochs=1, beta=0.5), digits)
     assert weights and set(weights) == {0.5}
     assert result.history[0]["kl_weight"] == 0.5

@@ -272,9 +272,10 @@ def _search_all(client: MlflowClient, exp_ids: list[str], filter_string: str) ->
 
 def resumable_run(client: MlflowClient, exp_id: str, study: str, cell: str, slot: int) -> str | None:
     """The newest unfinished trial run of (cell, slot): the run a retried trial continues."""
-    runs = [r for r in trial_runs(client, exp_id, study)
-            if r.data.tags.get(CELL) == cell and r.data.tags.get(SLOT, "0") == str(slot)
-            and r.info.status in ("FAILED", "KILLED", "RUNNING") and r.data.tags.get("vaebench.state") is None]
+    found = _search_all(client, [exp_id], f"tags.`{ROLE}` = 'trial' and tags.`{STUDY}` = '{study}' and "
+                                          f"tags.`{CELL}` = '{cell}' and tags.`{SLOT}` = '{slot}'")
+    runs = [r for r in found if r.info.status in ("FAILED", "KILLED", "RUNNING")
+            and r.data.tags.get("vaebench.state") is None]
     return runs[-1].info.run_id if runs else None
 
 

@@ -298,10 +298,7 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
         elif waiting:
             trained = _run_processes(spec, results, url, uri, min(workers, waiting))
     except BaseException:  # Ctrl-C or a failed worker: the study's run ends too, never left RUNNING
-        try:
-            tracking.end_run(client, parent, "KILLED", "the study was interrupted; run it again to resume")
-        except Exception:  # noqa: BLE001 - the store itself is what failed: the original error matters
-            pass
+        tracking.quietly(tracking.end_run, client, parent, "KILLED", "the study was interrupted; run it again to resume")
         raise
     try:
         tracking.end_run(client, parent, "FINISHED")
@@ -337,11 +334,29 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
                 p.send_signal(signal.SIGINT)
         for p in procs:
             p.wait()
+        _end_orphaned_runs(spec, url, uri, {f"{platform.node()}:{p.pid}" for p in procs})
         raise
     if any(codes):
         raise StudyError(f"{sum(1 for c in codes if c)} of {workers} workers exited with an error "
                          "(see above); run the same command again to resume")
     return -1  # the processes ran the trials: `outcome` counts them from the storage
+
+
+def _end_orphaned_runs(spec: StudySpec, url: str, uri: str, workers: set[str]) -> None:
+    """A worker interrupted mid-write may fail to end its run (sqlite stays locked until that
+    write is undone); once every local worker has exited, end as KILLED the runs of the trials
+    they held that are still RUNNING. Trials of workers elsewhere are left to them."""
+    try:
+        study = open_study(spec, queue.open_storage(url), create=False)
+        held = {str(t.number) for t in study.get_trials(deepcopy=False, states=(TrialState.FAIL,))
+                if t.user_attrs.get(queue.WORKER) in workers}
+        client = tracking.connect(uri)
+        exp = client.get_experiment_by_name(spec.name)
+        for run in tracking.trial_runs(client, exp.experiment_id, spec.name) if exp and held else ():
+            if run.info.status == "RUNNING" and run.data.tags.get(tracking.TRIAL) in held:
+                tracking.end_run(client, run.info.run_id, "KILLED", "interrupted by the user")
+    except Exception:  # noqa: BLE001 - the store itself failed: the next run marks these runs
+        pass
 
 
 def _wait_with_bar(spec: StudySpec, url: str, procs: list) -> list[int]:

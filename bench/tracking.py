@@ -228,6 +228,21 @@ def log_model(client: MlflowClient, run_id: str, model: torch.nn.Module, cfg: Ru
         client.log_artifacts(run_id, tmp, artifact_path="model")
 
 
+def quietly(call, *args) -> None:
+    """Record a trial's end where the tracking store still answers; when it does not (a lost
+    server, a store another process holds locked), the original error must be what the caller
+    sees, never MLflow's own logged traceback; the coordinator or the next run marks the run."""
+    quiet = logging.getLogger("mlflow")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL + 1)
+    try:
+        call(*args)
+    except Exception:  # noqa: BLE001
+        pass
+    finally:
+        quiet.setLevel(level)
+
+
 def end_run(client: MlflowClient, run_id: str, status: str = "FINISHED", reason: str | None = None) -> None:
     if reason:
         set_tags(client, run_id, {FAIL_REASON: reason[:4000]})

@@ -135,30 +135,21 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
         (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)  # best.pt and last.pt stay
         return TrialOutcome(run_id, result, evaluation)
     except stop_exceptions as e:
-        _quietly(flush)
-        _quietly(tracking.set_tags, client, run_id, {"vaebench.state": "PRUNED"})
-        _quietly(tracking.end_run, client, run_id, "KILLED", f"pruned: {e}")
+        tracking.quietly(flush)
+        tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "PRUNED"})
+        tracking.quietly(tracking.end_run, client, run_id, "KILLED", f"pruned: {e}")
         raise
     except KeyboardInterrupt:
-        _quietly(tracking.end_run, client, run_id, "KILLED", "interrupted by the user")
+        tracking.quietly(tracking.end_run, client, run_id, "KILLED", "interrupted by the user")
         raise
     except DivergedError as e:
-        _quietly(flush)
-        _quietly(tracking.set_tags, client, run_id, {"vaebench.state": "DIVERGED"})
-        _quietly(tracking.end_run, client, run_id, "FAILED", str(e))
+        tracking.quietly(flush)
+        tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "DIVERGED"})
+        tracking.quietly(tracking.end_run, client, run_id, "FAILED", str(e))
         raise
     except Exception as e:
-        _quietly(tracking.end_run, client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+        tracking.quietly(tracking.end_run, client, run_id, "FAILED", f"{type(e).__name__}: {e}")
         raise
-
-
-def _quietly(call, *args) -> None:
-    """Record a trial's end where the tracking store still answers; when it does not (a lost
-    server), the original error must be what the caller sees, and the next run marks the run."""
-    try:
-        call(*args)
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def _log_missing_epochs(client, run_id: str, cfg: RunConfig, checkpoint_dir: Path) -> None:

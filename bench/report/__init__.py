@@ -1,16 +1,11 @@
 """Reports: a study's trial runs read back from MLflow into pandas, then CSV, LaTeX, seaborn
 figures and a markdown + self-contained HTML report in `<results>/reports/<experiment>/`.
-
-    runs = load_runs("sqlite:///results/mlflow.db", "default")   # bench.report.runs
-    summarize(runs)            # bench.report.stats: mean, std and n over seeds per cell
-    paired_differences(runs)   # bce - mse per cell, paired by seed, t-interval, Holm's p
-    write_report("default", results=Path("results"))
-
 One job per module: `runs` (MLflow and Optuna -> DataFrame), `stats` (pure pandas/scipy, the
-honesty rules), `figures` (matplotlib/seaborn, Optuna's plots for a search), `document` (tables
-and the Jinja2 templates). This file assembles them. A report fits its study: a grid gets the
-summary, the figures over its axes and, where it compares bce with mse, "BCE or MSE?"; a search
-gets its best trials, history, importances and the objective against each sampled parameter.
+honesty rules), `figures` (matplotlib/seaborn, Optuna's plots), `document` (tables, templates);
+this file assembles them: a grid gets its summary and figures, and "BCE or MSE?" where it
+compares them; a search gets its best trials, history, importances and parameter plots.
+
+    write_report("default", results=Path("results"))
 """
 
 from __future__ import annotations
@@ -18,25 +13,23 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import re
+import warnings
 from pathlib import Path
 
 import pandas as pd
 
 from bench import locations, tracking
-from bench.report.document import (best_trials_table, differences_table, format_stat, latex_table,
-                                   markdown_table, other_trials_table, render, summary_table)
+from bench.report.document import (best_trials_table, differences_table, latex_table, other_trials_table,
+                                   render, summary_table)
 from bench.report.figures import (DPI, Context, figure_curves, figure_heatmap, figure_metrics,
                                   figure_rate_distortion, figure_seconds, figure_seed, search_figures)
 from bench.report.runs import (ReportError, latest_experiment, load_curves, load_runs, open_store,
                                optuna_study, run_images, study_tags)
-from bench.report.stats import (CONFIDENCE, HEADLINE, MIN_SEEDS, SEED_CONCLUSION, cell_label, facts,
-                                finished, grid_axes, holm, loss_verdict, mean_interval,
-                                paired_differences, summarize)
+from bench.report.stats import (CONFIDENCE, HEADLINE, MIN_SEEDS, cell_label, finished, grid_axes,
+                                loss_verdict, mean_interval, paired_differences, summarize)
 
-__all__ = ["MIN_SEEDS", "ReportError", "SEED_CONCLUSION", "differences_table", "facts", "figure_metrics",
-           "finished", "format_stat", "holm", "latex_table", "load_runs", "loss_verdict",
-           "markdown_table", "mean_interval", "paired_differences", "run_images", "summarize",
-           "write_report"]
+__all__ = ["MIN_SEEDS", "ReportError", "finished", "load_runs", "mean_interval", "paired_differences",
+           "run_images", "summarize", "write_report"]
 
 # figure file name -> (section title, why it may be missing)
 FIGURES = {"metrics_vs_latent": ("Test metrics against latent size", "no finished run has test metrics"),
@@ -54,22 +47,18 @@ SEARCH_FIGURES = {"optimization_history": "Optimisation history",
                   "objective_vs_params": "The objective against each parameter"}
 
 
-def _safe_name(experiment: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
-
-
 def write_report(experiment: str | None, *, results: Path, tracking_uri: str | None = None,
                  storage: str | None = None) -> Path:
     """Write `<results>/reports/<experiment>/` (runs.csv, summary.csv, differences.csv,
-    table.tex, figures/*.png, report.md, report.html) and return that directory. Default
-    experiment: the one whose trial run started last; default store `<results>/mlflow.db`,
-    default Optuna storage `<results>/optuna.db` (read for a search's plots, where it exists)."""
+    table.tex, figures/*.png, report.md, report.html) and return it. Defaults: the experiment
+    whose trial run started last, `<results>/mlflow.db` and `<results>/optuna.db`."""
     results = Path(results)
     uri = tracking_uri or tracking.default_uri(results)
     client = open_store(uri)
     experiment = experiment or latest_experiment(client, uri)
     runs = load_runs(uri, experiment)
-    out = results / "reports" / _safe_name(experiment)
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    out = results / "reports" / safe_name
     (out / "figures").mkdir(parents=True, exist_ok=True)
     axes, done, context = grid_axes(runs), finished(runs), Context.of(runs)
     summary, paired = summarize(runs), paired_differences(runs)
@@ -81,7 +70,7 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
                "seeds; † nats of a likelihood that is not a density on this data (not comparable "
                "across losses); ‡ conditional on the true label (log p(x|y)).")
     (out / "table.tex").write_text(latex_table(*summary_table(summary, axes, SUMMARY_COLUMNS, latex=True),
-                                               caption, f"tab:{_safe_name(experiment)}"))
+                                               caption, f"tab:{safe_name}"))
     study, spec = optuna_study(storage or locations.default_storage(results), experiment)
     drawers = {"metrics_vs_latent": lambda: figure_metrics(runs),
                "learning_curves": lambda: figure_curves(done, load_curves(uri, done)),
@@ -113,8 +102,7 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
 
 
 def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:
-    """A figure as the templates show it: saved as figures/<name>.png, linked and embedded;
-    or the reason it is missing."""
+    """A figure as the templates show it (saved as figures/<name>.png), or why it is missing."""
     if drawn is None or isinstance(drawn, str):
         return {"name": name, "title": title, "missing": drawn or missing}
     path = out / "figures" / f"{name}.png"
@@ -124,8 +112,7 @@ def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:
 
 
 def _search(study, spec: dict, runs: pd.DataFrame, context: Context, out: Path) -> dict:
-    """The search's part of the report: its settings, the best finished trials, Optuna's
-    importances and plots."""
+    """The search's settings, best finished trials, Optuna's importances and plots."""
     params = list(spec["search"]["params"])
     completed = runs[runs["state"] == "FINISHED"]
     drawn = search_figures(study, params, context.objective) if not completed.empty else {}
@@ -162,10 +149,7 @@ def _fairness(summary: pd.DataFrame, axes: list[str]) -> dict:
 
 
 def _importances(study, params: list[str]):
-    """fANOVA importances of the sampled parameters (Optuna's), as a table; None when Optuna
-    cannot estimate them (fewer than two finished trials)."""
-    import warnings
-
+    """Optuna's fANOVA importances as a table; None below two finished trials."""
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     try:

@@ -1,10 +1,7 @@
-"""The report as text: tables of the statistics (markdown, LaTeX), and the document rendered
-from the Jinja2 templates in bench/templates/ (`report.j2` holds the words once; `md.j2` and
-`html.j2` say how a heading, paragraph, table or figure is written in each format).
-
-Marks used in every table: * fewer than MIN_SEEDS seeds, † nats of a likelihood that is not a
-density on the data, ‡ a conditional model's number given the true label (log p(x|y)).
-"""
+"""The report as text: tables of the statistics (markdown, LaTeX) and the document rendered from
+bench/templates/ (`report.j2` holds the words once; `md.j2` and `html.j2` write each block).
+Marks: * fewer than MIN_SEEDS seeds, † nats of a likelihood that is not a density on the data,
+‡ a conditional model's number given the true label (log p(x|y))."""
 
 from __future__ import annotations
 
@@ -17,20 +14,22 @@ import pandas as pd
 
 from bench.report.stats import CONFIDENCE, MIN_SEEDS, groups
 
-TEMPLATES = Path(__file__).resolve().parents[1] / "templates"
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
                  "±": r"$\pm$", "−": "$-$", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
                  "·": r"$\cdot$", "—": "--", "Δ": r"$\Delta$"}
 
 
-def format_stat(mean: float, std: float, n: int, digits: int = 2, latex: bool = False,
-                marks: str = "") -> str:
+def _or_dash(value, text: str) -> str:
+    return "—" if pd.isna(value) else text
+
+
+def format_stat(mean: float, std: float, n: int, digits: int = 2, latex: bool = False, marks: str = "") -> str:
     """"123.45 ± 0.67 (n=3)", with a "*" when n < MIN_SEEDS and `marks` (e.g. "†") appended."""
     if n == 0 or pd.isna(mean):
-        return "—" if not latex else "--"
+        return "--" if latex else "—"
     pm = r" $\pm$ " if latex else " ± "
-    spread = f"{pm}{std:.{digits}f}" if not pd.isna(std) else ""
+    spread = "" if pd.isna(std) else f"{pm}{std:.{digits}f}"
     return f"{mean:.{digits}f}{spread} (n={n}){'*' if n < MIN_SEEDS else ''}{marks}"
 
 
@@ -43,59 +42,47 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 def latex_escape(text: str) -> str:
     """Plain text (with ±, †, ‡, · and —) as LaTeX; `$...$` runs are kept as math."""
-    parts = re.split(r"(\$[^$]*\$)", str(text))
-    return "".join(p if p.startswith("$") and p.endswith("$") and len(p) > 1
-                   else "".join(LATEX_ESCAPES.get(ch, ch) for ch in p) for p in parts)
+    return "".join(p if len(p) > 1 and p[0] == p[-1] == "$" else "".join(LATEX_ESCAPES.get(ch, ch) for ch in p)
+                   for p in re.split(r"(\$[^$]*\$)", str(text)))
 
 
 def latex_table(header: list[str], rows: list[list[str]], caption: str, label: str) -> str:
     """A booktabs table (needs \\usepackage{booktabs}); cells are escaped text."""
-    body = [" & ".join(latex_escape(c) for c in row) + r" \\" for row in rows]
-    return "\n".join([r"\begin{table}[ht]", r"\centering", r"\small",
-                      rf"\begin{{tabular}}{{{'l' * len(header)}}}", r"\toprule",
-                      " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule", *body,
-                      r"\bottomrule", r"\end{tabular}", rf"\caption{{{latex_escape(caption)}}}",
-                      rf"\label{{{label}}}", r"\end{table}", ""])
-
-
-def _digits(metric: str) -> int:
-    return 1 if metric in ("test/active_units", "trial_seconds") else 2
+    body = [" & ".join(map(latex_escape, row)) + r" \\" for row in [header, *rows]]
+    return "\n".join([r"\begin{table}[ht]", r"\centering", r"\small", rf"\begin{{tabular}}{{{'l' * len(header)}}}",
+                      r"\toprule", body[0], r"\midrule", *body[1:], r"\bottomrule", r"\end{tabular}",
+                      rf"\caption{{{latex_escape(caption)}}}", rf"\label{{{label}}}", r"\end{table}", ""])
 
 
 def summary_table(summary: pd.DataFrame, axes: list[str], metrics, latex: bool = False):
-    """Header and rows of the cells × metrics table: "mean ± std (n=…)", † where a likelihood
-    is not a density on the data, ‡ where the number is conditional, * where n < MIN_SEEDS."""
+    """Header and rows of the cells × metrics table, "mean ± std (n=…)" with the marks."""
     present = [m for m in metrics if m in set(summary["metric"])]
     ways = summary.drop_duplicates("metric").set_index("metric")["better"]
-    header = [*axes, *(f"{m} ({ways[m] + ' is better' if ways[m] else 'neither way is better'})"
-                       for m in present)]
+    header = [*axes, *(f"{m} ({ways[m] + ' is better' if ways[m] else 'neither way is better'})" for m in present)]
     rows = []
     for keys, group in groups(summary, axes):
         by_metric = group.set_index("metric")
         cells = []
         for m in present:
             if m not in by_metric.index:
-                cells.append("—" if not latex else "--")
+                cells.append("--" if latex else "—")
                 continue
-            r = by_metric.loc[m]
+            r, digits = by_metric.loc[m], 1 if m in ("test/active_units", "trial_seconds") else 2
             marks = ("" if r["comparable"] else "†") + ("‡" if r["conditional"] else "")
-            cells.append(format_stat(r["mean"], r["std"], int(r["n"]), _digits(m), latex, marks))
-        rows.append([*(str(k) for k in keys), *cells])
+            cells.append(format_stat(r["mean"], r["std"], int(r["n"]), digits, latex, marks))
+        rows.append([*map(str, keys), *cells])
     return header, rows
 
 
 def differences_table(paired: pd.DataFrame):
-    """Header and rows of `paired_differences`: difference, 95% CI, n (* below MIN_SEEDS),
-    Holm's adjusted p and the verdict decided on it."""
+    """Header and rows of `paired_differences`: difference, CI, n, Holm's p and the verdict."""
     by = list(paired.columns[:list(paired.columns).index("metric")])
     header = [*by, "metric", f"{paired['a'].iloc[0]} − {paired['b'].iloc[0]}",
               f"{CONFIDENCE:.0%} CI", "n", "p (Holm)", "verdict"]
-    rows = [[*(str(r[c]) for c in by), r["metric"],
-             "—" if pd.isna(r["difference"]) else f"{r['difference']:+.2f}",
-             "—" if pd.isna(r["ci_low"]) else f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]",
-             f"{r['n']}{'*' if 0 < r['n'] < MIN_SEEDS else ''}",
-             "—" if pd.isna(r["p_holm"]) else f"{r['p_holm']:.3g}", r["verdict"]]
-            for _, r in paired.iterrows()]
+    rows = [[*(str(r[c]) for c in by), r["metric"], _or_dash(r["difference"], f"{r['difference']:+.2f}"),
+             _or_dash(r["ci_low"], f"[{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]"),
+             f"{r['n']}{'*' if 0 < r['n'] < MIN_SEEDS else ''}", _or_dash(r["p_holm"], f"{r['p_holm']:.3g}"),
+             r["verdict"]] for _, r in paired.iterrows()]
     return header, rows
 
 
@@ -103,20 +90,17 @@ def best_trials_table(done: pd.DataFrame, params: list[str], metrics, direction:
     """The `top` finished trials by the objective, with their sampled values and test metrics."""
     best = done.sort_values("objective", ascending=direction != "maximize").head(top)
     shown = [m for m in metrics if m in best and best[m].notna().any()]
-    header = ["trial", "objective", *params, *shown, "seconds"]
     rows = [[str(r["trial"]), f"{r['objective']:.2f}", *(f"{r[p]:.4g}" for p in params),
-             *("—" if pd.isna(r[m]) else f"{r[m]:.2f}" for m in shown),
-             "—" if pd.isna(r.get("trial_seconds")) else f"{r['trial_seconds']:.1f}"]
-            for _, r in best.iterrows()]
-    return header, rows
+             *(_or_dash(r[m], f"{r[m]:.2f}") for m in shown),
+             _or_dash(r.get("trial_seconds"), f"{r.get('trial_seconds', 0):.1f}")] for _, r in best.iterrows()]
+    return ["trial", "objective", *params, *shown, "seconds"], rows
 
 
 def other_trials_table(other: pd.DataFrame):
     """Failed, diverged, pruned and running trials with the epoch each stopped at and why."""
     return (["trial", "cell", "state", "stopped at epoch", "seconds", "reason"],
             [["" if pd.isna(r["trial"]) else str(r["trial"]), r["cell"] or r["run_name"], r["state"],
-              "—" if pd.isna(r["last_epoch"]) else str(r["last_epoch"]),
-              "—" if pd.isna(r["wall_seconds"]) else f"{r['wall_seconds']:.1f}",
+              _or_dash(r["last_epoch"], str(r["last_epoch"])), _or_dash(r["wall_seconds"], f"{r['wall_seconds']:.1f}"),
               (r["fail_reason"] or "—").splitlines()[0][:200]] for _, r in other.iterrows()])
 
 
@@ -126,8 +110,9 @@ def _inline(text) -> str:
     return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
 
 
-ENVIRONMENT = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), undefined=jinja2.StrictUndefined,
-                                 trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+ENVIRONMENT = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"),
+                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
+                                 keep_trailing_newline=True)
 ENVIRONMENT.filters.update(inline=_inline, oneline=lambda text: " ".join(str(text).split()))
 ENVIRONMENT.globals.update(markdown_table=markdown_table)
 

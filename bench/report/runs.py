@@ -1,8 +1,5 @@
 """A study read back: its MLflow trial runs as one pandas row each, their curves and pictures,
-and its Optuna study where the storage holds one. Nothing here computes a statistic.
-
-    runs = load_runs("sqlite:///results/mlflow.db", "default")   # one row per trial run
-"""
+and its Optuna study where the storage holds one. Nothing here computes a statistic."""
 
 from __future__ import annotations
 
@@ -64,10 +61,9 @@ def latest_experiment(client, tracking_uri: str = "") -> str:
 
 
 def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
-    """One row per trial run of `experiment` (= study name), in trial order: identity and state,
-    every RunConfig param (typed), every final metric (the value at the last step), wall-clock
-    seconds, the study's objective at the epoch validation chose, the last epoch logged, and
-    the vaebench tags."""
+    """One row per trial run of `experiment` (= study name), in trial order: state, typed
+    RunConfig params, final metrics, wall-clock seconds, the objective at the chosen epoch, the
+    last epoch logged and the vaebench tags."""
     client = open_store(tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage == "deleted":
@@ -76,7 +72,9 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
     if not runs:
         raise _missing(client, tracking_uri, f"experiment {experiment!r} has no trial runs")
     frame = pd.DataFrame([_row(run) for run in runs])
-    histories = [_history(client, row) for row in frame.itertuples()]
+    # {epoch: value} of the objective (else train/loss): what it optimised, how far a trial got
+    histories = [{m.step: m.value for m in client.get_metric_history(row.run_id, row.objective_metric or "train/loss")}
+                 for row in frame.itertuples()]
     best = frame["best_epoch"] if "best_epoch" in frame else pd.Series(np.nan, index=frame.index)
     frame["objective"] = [h.get(int(b), np.nan) if metric and pd.notna(b) else np.nan
                           for h, b, metric in zip(histories, best, frame["objective_metric"])]
@@ -110,10 +108,9 @@ def _row(run) -> dict:
 
 
 def objective_of(tags: dict) -> tuple[str, str]:
-    """(metric, direction) of the study's objective from the sweep's tags
-    `vaebench.objective_metric` and `vaebench.objective_direction`; runs logged before those
-    tags existed carry only the sentence "val/bce (minimize) of the epoch chosen by validation";
-    a run trained outside a sweep falls back to its trainer's selection metric."""
+    """(metric, direction) of the study's objective from the sweep's tags; older runs carry
+    only the sentence "val/bce (minimize) of the epoch ..."; a run trained outside a sweep
+    falls back to its trainer's selection metric."""
     if tags.get("vaebench.objective_metric"):
         return tags["vaebench.objective_metric"], tags.get("vaebench.objective_direction", "")
     metric, _, rest = tags.get("vaebench.objective", "").partition(" (")
@@ -122,13 +119,6 @@ def objective_of(tags: dict) -> tuple[str, str]:
         return metric, direction
     selection = tags.get("vaebench.selection", "")
     return (selection, "maximize" if better(selection) == "higher" else "minimize") if selection else ("", "")
-
-
-def _history(client, row) -> dict[int, float]:
-    """{epoch: value} of the objective (of train/loss without one): what the study optimised,
-    and how far a pruned or failed trial got."""
-    key = row.objective_metric or "train/loss"
-    return {m.step: m.value for m in client.get_metric_history(row.run_id, key)}
 
 
 def load_curves(tracking_uri: str, runs: pd.DataFrame, metrics=CURVE_METRICS) -> pd.DataFrame:

@@ -1,21 +1,12 @@
 """Statistics of a study's runs, pure pandas and scipy: the part of a report a reader must trust.
-
-- every number carries its n; cells with fewer than MIN_SEEDS seeds are flagged;
-- nats under a run's own likelihood (ELBO, NLL, recon) are compared across losses only where
-  that likelihood is a density on the data (the `proper_density` column); the loss-agnostic
-  test/bce and test/mse are always comparable;
-- a conditional model's numbers computed given the true label (a CVAE's ELBO and NLL are
-  log p(x|y)) are flagged `conditional`; its test/nll_marginal is its log p(x);
-- bce − mse is paired by seed, and the per-cell tests of one metric are one family under
-  Holm's correction, so the verdict does not count chance wins.
-
-What a metric is (which way is better, its unit, whether it is in the run's own likelihood's
-nats, whether a conditional model computes it given the label) is read from its METRICS
-registry entry (`facts`).
-"""
+Every number carries its n (cells with fewer than MIN_SEEDS seeds are flagged); nats of a run's
+own likelihood are compared across losses only where it is a density on the data; a conditional
+model's numbers given the label are flagged; bce − mse is paired by seed, with Holm's correction
+over the cells of a metric. What a metric is comes from its METRICS registry entry (`facts`)."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -43,19 +34,14 @@ UNKNOWN = {"better": None, "unit": "", "likelihood": False, "given_label": False
 
 
 def facts(metric: str) -> dict:
-    """{"better": "higher" | "lower" | None, "unit", "likelihood", "given_label"} of a metric
-    ("test/elbo", "val/bce", "trial_seconds"), as the METRICS entry that computes it declares:
-    `better` and `unit` per output; `likelihood` (in nats of the run's own likelihood) and
-    `given_label` (a conditional model is given the true label to compute it) list outputs."""
+    """{"better": "higher" | "lower" | None, "unit", "likelihood" (in nats of the run's own
+    likelihood), "given_label" (a conditional model is given the label)} of "test/elbo" etc."""
     name = metric.rsplit("/", 1)[-1]
-    for entry in METRICS.names():
-        meta = METRICS.meta(entry)
+    for meta in map(METRICS.meta, METRICS.names()):
         if name in meta.get("better", {}):
             unit = meta.get("unit", "")
-            return {"better": meta["better"][name],
-                    "unit": unit.get(name, "") if isinstance(unit, dict) else unit,
-                    "likelihood": name in meta.get("likelihood", ()),
-                    "given_label": name in meta.get("given_label", ())}
+            return {"better": meta["better"][name], "unit": unit.get(name, "") if isinstance(unit, dict) else unit,
+                    "likelihood": name in meta.get("likelihood", ()), "given_label": name in meta.get("given_label", ())}
     return {**UNKNOWN, **RUN_FACTS.get(name, {})}
 
 
@@ -64,12 +50,10 @@ def better(metric: str) -> str | None:
 
 
 def better_text(metric: str) -> str:
-    way = better(metric)
-    return f"{way} is better" if way else "neither way is better"
+    return f"{better(metric)} is better" if better(metric) else "neither way is better"
 
 
 def conditional_model(name) -> bool:
-    """Whether a registered model conditions on the label (a CVAE)."""
     return isinstance(name, str) and name in MODELS and MODELS.get(name).conditional
 
 
@@ -80,18 +64,9 @@ def study_objective(runs: pd.DataFrame) -> tuple[str, str]:
     return pairs.pop() if len(pairs) == 1 else ("", "")
 
 
-def metric_facts(runs: pd.DataFrame, metric: str) -> dict:
-    """`facts`, with "objective" standing for the study's objective metric."""
-    if metric != "objective":
-        return facts(metric)
-    objective, direction = study_objective(runs)
-    return {**facts(objective), "better": "higher" if direction == "maximize" else "lower"}
-
-
 def grid_axes(runs: pd.DataFrame) -> list[str]:
-    """The study's grid axes, read from the cell keys ("model=vae,loss=bce,latent=2,seed=0"),
-    seed excluded: none for a search without a grid ("seed=0"). Runs without cell keys
-    (trained outside a sweep) fall back to model, loss and latent."""
+    """The grid axes named in the cell keys ("model=vae,latent=2,seed=0"), seed excluded; runs
+    without cell keys (trained outside a sweep) fall back to model, loss and latent."""
     cells = [str(c) for c in runs.get("cell", pd.Series(dtype=str)).dropna() if "=" in str(c)]
     if not cells:
         return [name for name in ("model", "loss", "latent") if name in runs]
@@ -112,8 +87,7 @@ def finished(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def groups(frame: pd.DataFrame, by: list[str]):
-    """(key tuple, rows) per value of the `by` columns in order of appearance; one group of
-    everything when `by` is empty."""
+    """(key tuple, rows) per value of `by` in order of appearance; everything when `by` is empty."""
     if not by:
         yield (), frame
         return
@@ -122,61 +96,50 @@ def groups(frame: pd.DataFrame, by: list[str]):
 
 
 def cell_label(frame: pd.DataFrame, axes: list[str]) -> pd.Series:
-    """"vae · bce · latent=32": strings as they are, numbers named; the model when no axis is
-    left to name."""
-    axes = axes or ["model"]
-    parts = [frame[a].map(lambda v, a=a: str(v) if isinstance(v, str) else f"{a}={v:g}") for a in axes]
-    label = parts[0]
-    for part in parts[1:]:
-        label = label + " · " + part
-    return label
+    """"vae · bce · latent=32": strings as they are, numbers named; the model when no axis is left."""
+    parts = [frame[a].map(lambda v, a=a: str(v) if isinstance(v, str) else f"{a}={v:g}") for a in axes or ["model"]]
+    return functools.reduce(lambda label, part: label + " · " + part, parts)
 
 
 def summarize(runs: pd.DataFrame, metrics=SUMMARY_METRICS, by: list[str] | None = None) -> pd.DataFrame:
-    """Mean, std (ddof 1) and n over seeds per cell and metric, of the finished runs: one row
-    per (cell, metric) that was measured, in grid order. `proper_density`: every run of the
-    cell had a likelihood that is a density on its data; `comparable`: the metric may be set
-    beside other losses' (always for loss-agnostic metrics); `conditional`: computed given the
-    true label (log p(x|y) for a CVAE); `flag`: "n<3" where fewer than MIN_SEEDS seeds."""
+    """Mean, std (ddof 1) and n over seeds per (cell, metric) measured in the finished runs, in
+    grid order. `comparable`: every run's likelihood is a density on its data, or the metric is
+    loss-agnostic; `conditional`: computed given the true label (a CVAE's log p(x|y))."""
     by = grid_axes(runs) if by is None else by
-    done = finished(runs)
-    metrics = [m for m in metrics if m != "objective" or study_objective(runs)[0]]
-    columns = [*by, "metric", "mean", "std", "n", "better", "proper_density", "comparable",
-               "conditional", "flag"]
+    objective, direction = study_objective(runs)
+    metrics = [m for m in metrics if m != "objective" or objective]
     rows = []
-    for keys, group in groups(done, by):
+    for keys, group in groups(finished(runs), by):
         proper = bool(group["proper_density"].eq(True).all())
         conditional = bool(group["model"].map(conditional_model).all())
         for metric in metrics:
             values = group[metric].dropna() if metric in group else pd.Series(dtype=float)
             if values.empty:
                 continue
-            fact, n = metric_facts(runs, metric), len(values)
+            fact, n = facts(objective if metric == "objective" else metric), len(values)
+            if metric == "objective":
+                fact["better"] = "higher" if direction == "maximize" else "lower"
             rows.append({**dict(zip(by, keys)), "metric": metric, "mean": float(values.mean()),
                          "std": float(values.std(ddof=1)) if n > 1 else np.nan, "n": n,
                          "better": fact["better"] or "", "proper_density": proper,
                          "comparable": proper or not fact["likelihood"],
-                         "conditional": conditional and fact["given_label"],
-                         "flag": "n<3" if n < MIN_SEEDS else ""})
-    return pd.DataFrame(rows, columns=columns)
+                         "conditional": conditional and fact["given_label"], "flag": "n<3" if n < MIN_SEEDS else ""})
+    return pd.DataFrame(rows, columns=[*by, "metric", "mean", "std", "n", "better", "proper_density",
+                                       "comparable", "conditional", "flag"])
 
 
 def mean_interval(values: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float, float]:
-    """Mean and the two-sided t-interval (Student, n - 1 degrees of freedom); NaN bounds for
-    fewer than two values."""
+    """Mean and Student's two-sided t-interval; NaN bounds for fewer than two values."""
     n = len(values)
-    if n == 0:
-        return np.nan, np.nan, np.nan
-    mean = float(np.mean(values))
     if n < 2:
-        return mean, np.nan, np.nan
+        return (float(np.mean(values)) if n else np.nan), np.nan, np.nan
+    mean = float(np.mean(values))
     half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * np.std(values, ddof=1) / math.sqrt(n))
     return mean, mean - half, mean + half
 
 
 def paired_p(values: np.ndarray) -> float:
-    """Two-sided p of the paired t-test that the mean difference is 0; NaN below two pairs.
-    Identical differences: 0 when they are not all zero, else 1."""
+    """Two-sided p of the paired t-test (NaN below two pairs; identical differences: 0, or 1 if zero)."""
     if len(values) < 2:
         return np.nan
     if np.ptp(values) == 0:
@@ -185,8 +148,7 @@ def paired_p(values: np.ndarray) -> float:
 
 
 def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (NaN entries are not in the family): rejecting where
-    the adjusted p < 1 - CONFIDENCE keeps the chance of any false win in the family below it."""
+    """Holm-Bonferroni adjusted p-values; NaN entries are not in the family."""
     p = np.asarray(p, dtype=float)
     out = np.full(len(p), np.nan)
     tested = np.flatnonzero(~np.isnan(p))
@@ -198,12 +160,10 @@ def holm(p: np.ndarray) -> np.ndarray:
 
 def paired_differences(runs: pd.DataFrame, between: str = "loss", pair: tuple | None = None,
                        metrics=PAIRED_METRICS, by: list[str] | None = None) -> pd.DataFrame:
-    """`pair[0]` minus `pair[1]` on each metric per cell, paired by seed (same cell, same seed,
-    only `between` differs): mean difference, its 95% t-interval, n pairs, the paired t-test's
-    p and Holm's adjusted p over the cells of that metric; `verdict` is decided on the
-    adjusted p. Nats of a likelihood are paired only where both runs' likelihoods are
-    densities on the data; a cell with no such pair is kept with n = 0 and says so. Default
-    pair: bce vs mse, else the first two values of `between` in the study."""
+    """`pair[0]` − `pair[1]` per cell and metric, paired by seed: mean, 95% t-interval, n, the
+    paired t-test's p and Holm's p over the cells of a metric, which decides `verdict`. Nats
+    of a likelihood are paired only where both are densities on the data (else n = 0).
+    Default pair: bce and mse, else the first two values of `between`."""
     by = [a for a in grid_axes(runs) if a != between] if by is None else by
     columns = [*by, "metric", "a", "b", "mean_a", "mean_b", "difference", "ci_low", "ci_high",
                "n", "p", "p_holm", "verdict"]
@@ -213,21 +173,19 @@ def paired_differences(runs: pd.DataFrame, between: str = "loss", pair: tuple | 
     if len(pair) < 2:
         return pd.DataFrame(columns=columns)
     a, b = (done[done[between] == value] for value in pair)
-    merged = a.merge(b, on=[*by, "seed"], suffixes=("_a", "_b"))
     rows = []
-    for keys, group in groups(merged, by):
+    for keys, group in groups(a.merge(b, on=[*by, "seed"], suffixes=("_a", "_b")), by):
         for metric in metrics:
-            if f"{metric}_a" not in group or group[[f"{metric}_a", f"{metric}_b"]].dropna().empty:
+            ab = [f"{metric}_a", f"{metric}_b"]
+            if ab[0] not in group or group[ab].dropna().empty:
                 continue  # not measured for this model (an ae has no ELBO)
-            pairs = group
-            if facts(metric)["likelihood"]:
-                pairs = group[group["proper_density_a"].eq(True) & group["proper_density_b"].eq(True)]
-            pairs = pairs[[f"{metric}_a", f"{metric}_b"]].dropna()
-            diff = (pairs[f"{metric}_a"] - pairs[f"{metric}_b"]).to_numpy(dtype=float)
+            both = group["proper_density_a"].eq(True) & group["proper_density_b"].eq(True)
+            pairs = (group[both] if facts(metric)["likelihood"] else group)[ab].dropna()
+            diff = (pairs[ab[0]] - pairs[ab[1]]).to_numpy(dtype=float)
             mean, low, high = mean_interval(diff)
             rows.append({**dict(zip(by, keys)), "metric": metric, "a": pair[0], "b": pair[1],
-                         "mean_a": float(pairs[f"{metric}_a"].mean()) if len(pairs) else np.nan,
-                         "mean_b": float(pairs[f"{metric}_b"].mean()) if len(pairs) else np.nan,
+                         "mean_a": float(pairs[ab[0]].mean()) if len(pairs) else np.nan,
+                         "mean_b": float(pairs[ab[1]].mean()) if len(pairs) else np.nan,
                          "difference": mean, "ci_low": low, "ci_high": high, "n": len(diff),
                          "p": paired_p(diff) if better(metric) else np.nan})
     paired = pd.DataFrame(rows, columns=columns)
@@ -246,54 +204,37 @@ def _verdict(row) -> str:
         return "interval only"
     if not row.p_holm < 1 - CONFIDENCE:
         return "no clear difference"
-    a_lower = row.difference < 0
-    return f"{row.a if a_lower == (better(row.metric) == 'lower') else row.b} better"
-
-
-def yardstick_counts(paired: pd.DataFrame) -> list[dict]:
-    """Per yardstick present: how many cells favour each loss after Holm's correction, how
-    many are undecided and how many had too few seeds to test."""
-    out = []
-    for metric in [m for m in YARDSTICKS if m in set(paired["metric"])]:
-        group = paired[paired["metric"] == metric]
-        a, b = group["a"].iloc[0], group["b"].iloc[0]
-        out.append({"metric": metric, "cells": len(group), "wins": {
-            v: int((group["verdict"] == f"{v} better").sum()) for v in (a, b)},
-            "untested": int((group["n"] < 2).sum()),
-            "undecided": int((group["verdict"] == "no clear difference").sum())})
-    return out
+    return f"{row.a if (row.difference < 0) == (better(row.metric) == 'lower') else row.b} better"
 
 
 def loss_verdict(paired: pd.DataFrame) -> str:
-    """What the paired tests say about the seed's conclusion, derived by a rule from the counts
-    per yardstick after Holm's correction: every surviving win for one loss, on every yardstick
-    with any -> that loss is better where a difference is measurable; wins for both losses (on
-    one yardstick or across them) -> split, with where each wins; no surviving win -> not
-    settled."""
-    counts = yardstick_counts(paired) if not paired.empty else []
-    if not counts:
+    """What the paired tests say about the seed's conclusion, by one rule over the wins per
+    yardstick after Holm's correction: wins for one loss only -> that loss; wins for both -> split;
+    no win -> not settled."""
+    present = [m for m in YARDSTICKS if m in set(paired["metric"])] if not paired.empty else []
+    if not present:
         return (f"The seed concluded \"{SEED_CONCLUSION}\" from samples viewed by eye; this study "
                 "has no bce/mse pair on the same cells and seeds, so it cannot check that.")
     a, b = paired["a"].iloc[0], paired["b"].iloc[0]
-    lines = []
-    for c in counts:
-        lines.append(f"on {c['metric']} ({better_text(c['metric'])}), {a} is better in "
-                     f"{c['wins'][a]} and {b} in {c['wins'][b]} of {c['cells']} "
-                     f"cell{'s' if c['cells'] != 1 else ''}, {c['undecided']} undecided"
-                     + (f", {c['untested']} with fewer than 2 seeds (no test)" if c["untested"] else ""))
-    winners = {v for c in counts for v in (a, b) if c["wins"][v]}
+    lines, wins = [], {a: [], b: []}
+    for metric in present:
+        group = paired[paired["metric"] == metric]
+        won = {v: int((group["verdict"] == f"{v} better").sum()) for v in (a, b)}
+        untested = int((group["n"] < 2).sum())
+        for v in (a, b):
+            wins[v] += [metric] if won[v] else []
+        lines.append(f"on {metric} ({better_text(metric)}), {a} is better in {won[a]} and {b} in {won[b]} "
+                     f"of {len(group)} cell{'s' if len(group) != 1 else ''}, "
+                     f"{int((group['verdict'] == 'no clear difference').sum())} undecided"
+                     + (f", {untested} with fewer than 2 seeds (no test)" if untested else ""))
     mse = "mse" if "mse" in (a, b) else b  # the loss the seed preferred
     other = a if mse == b else b
-    if winners == {mse}:
-        verdict = (f"the measured numbers support it: every difference that survives the "
-                   f"correction favours {mse}")
-    elif winners == {other}:
-        verdict = (f"the measured numbers contradict it: every difference that survives the "
-                   f"correction favours {other}")
-    elif winners:
-        where = {v: [c["metric"] for c in counts if c["wins"][v]] for v in (a, b)}
-        verdict = (f"the measured numbers are split: {a} wins cells on {', '.join(where[a])} and "
-                   f"{b} on {', '.join(where[b])}, so neither loss is better on every yardstick")
+    if wins[a] and wins[b]:
+        verdict = (f"the measured numbers are split: {a} wins cells on {', '.join(wins[a])} and "
+                   f"{b} on {', '.join(wins[b])}, so neither loss is better on every yardstick")
+    elif wins[a] or wins[b]:
+        verdict = (f"the measured numbers {'support' if wins[mse] else 'contradict'} it: every difference "
+                   f"that survives the correction favours {mse if wins[mse] else other}")
     else:
         verdict = "the measured numbers do not settle it: no difference survives the correction"
     return (f"The seed concluded \"{SEED_CONCLUSION}\" from samples viewed by eye. Measured "

@@ -1,8 +1,6 @@
-"""Figures of a study, each a function of the runs returning (matplotlib Figure, caption) or
-None when there is nothing to draw. Every figure is 1400 px wide, drawn headless on Figure
-objects; every caption names the data, the budget, the seeds and n behind the picture, and
-marks † (nats of a likelihood that is not a density on the data) and ‡ (a conditional model's
-numbers, given the true label) where they appear. A search's figures are Optuna's own."""
+"""Figures of a study: each a function of the runs returning (Figure, caption), or None when
+there is nothing to draw; 1400 px wide, drawn headless. Every caption names the data, budget,
+seeds and n behind the picture, with † and ‡ where they apply. A search's figures are Optuna's."""
 
 from __future__ import annotations
 
@@ -66,7 +64,7 @@ def _figure(height_in: float) -> Figure:
 
 
 def _panels(count: int, row_height_in: float, columns: int = 4):
-    """A figure with `count` panels, at most `columns` a row; unused cells are hidden."""
+    """A figure of `count` panels, at most `columns` a row."""
     ncols = min(count, columns)
     fig = _figure(row_height_in * math.ceil(count / ncols) + 0.8)
     grid = fig.subplots(math.ceil(count / ncols), ncols, squeeze=False)
@@ -101,31 +99,29 @@ def _palette(labels) -> dict:
 
 
 def _styles(frame: pd.DataFrame, labels: pd.Series) -> tuple[dict, dict]:
-    """A colour per series label and a line style (index into LINESTYLES / DASHES) by its loss,
-    so a loss looks the same in every figure."""
+    """A colour per series label and a line style (index into LINESTYLES) by its loss."""
     losses = list(dict.fromkeys(frame["loss"]))
     return _palette(labels), {name: losses.index(loss) % len(LINESTYLES)
                               for name, loss in zip(labels, frame["loss"])}
 
 
-def _legend(colors: dict, styles: dict, names: list, markers: bool = False) -> list[Line2D]:
+def _handles(colors: dict, styles: dict, names: list, markers: bool = False) -> list[Line2D]:
     return [Line2D([], [], color=colors[name], linestyle=LINESTYLES[styles[name]], label=name,
                    marker=MARKERS[i % len(MARKERS)] if markers else None)
             for i, name in enumerate(names)]
+
+
+def _legend(fig: Figure, handles: list, ncol: int = 7) -> None:
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), ncol), fontsize=9)
 
 
 def _proper(p: pd.Series) -> bool:
     return bool(p.eq(True).all())
 
 
-def _ylabel(metric: str) -> str:
-    return facts(metric)["unit"] or metric
-
-
 def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> tuple[Figure, str] | None:
-    """Each metric against `x` (log2 axis) per series (the other grid axes), mean ± 1 sd over
-    seeds. Likelihood panels draw hollow, dotted markers where the likelihood is not a density
-    on the data. Without an `x` axis in the grid the series are placed side by side."""
+    """Each metric against `x` (log2 axis, else side by side) per series, mean ± 1 sd over seeds;
+    hollow, dotted where a likelihood is not a density on the data."""
     done = finished(runs)
     panels = [m for m in metrics if m in done and done[m].notna().any()]
     if not panels:
@@ -165,12 +161,10 @@ def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> t
             else:
                 ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=8)
                 ax.set_xlim(-0.5, len(series) - 0.5)
-            ax.set_ylabel(_ylabel(metric))
-        handles = _legend(colors, styles, series, markers=True)
-        if improper_seen:
-            handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="white",
-                                  linestyle=":", label="hollow: not a density on this data"))
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 7), fontsize=9)
+            ax.set_ylabel(facts(metric)["unit"] or metric)
+        hollow = Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle=":",
+                        label="hollow: not a density on this data")
+        _legend(fig, _handles(colors, styles, series, markers=True) + ([hollow] if improper_seen else []))
     context = Context.of(done)
     fig.suptitle(f"Test metrics — {context.dataset} ({context.binarize}), {context.epochs} epochs",
                  fontsize=12)
@@ -218,8 +212,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str
                 ax.set_ylabel("nats per image" if c == 0 else "")
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         shown = [name for name in colors if name in set(data["series"])]
-        fig.legend(handles=_legend(colors, styles, shown), loc="outside lower center",
-                   ncol=min(len(shown), 7), fontsize=9)
+        _legend(fig, _handles(colors, styles, shown))
     context = Context.of(runs)
     fig.suptitle(f"Learning curves — {context.dataset} ({context.binarize})", fontsize=12)
     per_line = data.groupby(["series", "facet"])["run_id"].nunique()
@@ -233,8 +226,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str
 
 
 def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
-    """The study's objective over latent × loss, one heatmap per remaining cell (e.g. model),
-    on one colour scale; the annotation gives mean and n, † where it is not comparable."""
+    """The study's objective over latent × loss, one heatmap per model (one colour scale)."""
     done = finished(runs)
     if not study_objective(runs)[0] or done["objective"].notna().sum() == 0:
         return None
@@ -272,8 +264,7 @@ def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
 
 
 def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
-    """KL(q(z|x) || p(z)) against -log p(x|z) per run, one panel per loss (distortion is in
-    that likelihood's nats); cell means joined in order of latent size."""
+    """KL(q(z|x) || p(z)) against -log p(x|z) per run, one panel per loss (its own nats)."""
     done = finished(runs)
     if "test/kl" not in done or done["test/kl"].notna().sum() == 0:
         return None
@@ -300,8 +291,7 @@ def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
             ax.set_title(f"loss {loss}" + ("" if proper else " (not a density on this data)"), fontsize=11)
             ax.set_xlabel("rate: test/kl (nats)")
             ax.set_ylabel(f"distortion: test/recon (nats under {loss})")
-        handles = [Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items()]
-        fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9)
+        _legend(fig, [Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items()], ncol=6)
     context = Context.of(done)
     fig.suptitle(f"Rate vs distortion — {context.dataset} ({context.binarize})", fontsize=12)
     skipped = sorted(set(finished(runs)["model"]) - set(done["model"]))
@@ -342,9 +332,8 @@ def figure_seconds(runs: pd.DataFrame) -> tuple[Figure, str] | None:
 
 
 def figure_seed(runs: pd.DataFrame, images) -> tuple[Figure, str] | None:
-    """The seed's figure done properly: per model, samples and reconstructions of the bce- and
-    the mse-trained run side by side, same latent size and seed, from the images each run
-    logged (`images(run_id)` -> {"samples": array, "recon": array}, e.g. runs.run_images)."""
+    """Per model, the samples and reconstructions the bce- and the mse-trained runs logged, side
+    by side at the same latent size and seed; `images(run_id)` -> {"samples": ..., "recon": ...}."""
     done = finished(runs)
     if done.empty:
         return None
@@ -395,15 +384,12 @@ def figure_seed(runs: pd.DataFrame, images) -> tuple[Figure, str] | None:
 
 
 def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[Figure, str] | str]:
-    """Optuna's own plots of a search (optuna.visualization.matplotlib): the optimisation
-    history, the objective per epoch of every trial (where the pruner stopped it), fANOVA
-    parameter importances and the objective against each sampled parameter. A plot that cannot
-    be drawn is replaced by the reason."""
+    """Optuna's own plots of a search (optuna.visualization.matplotlib), or why one cannot be drawn."""
     import matplotlib.pyplot as plt
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as plots
 
-    def draw(plot, height, **kwargs):
+    def draw(plot, height, caption, **kwargs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -414,22 +400,23 @@ def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[
         fig.set_size_inches(WIDTH_IN, height)
         fig.set_dpi(DPI)
         plt.close(fig)  # drawn and saved like the others, not kept by pyplot
-        return fig
+        return fig, caption
 
     name = f"{objective} ({better_text(objective)})"
     done = sum(t.state.name == "COMPLETE" for t in study.trials)
-    drawn = {"optimization_history": (draw(plots.plot_optimization_history, 5, target_name=objective),
-                                      f"The objective {name} of every completed trial in the order "
-                                      f"they ran, and the best so far ({done} completed trials)."),
-             "intermediate_values": (draw(plots.plot_intermediate_values, 5),
-                                     f"{objective} per epoch of every trial, as reported to the "
-                                     "pruner: a line that stops early is a pruned trial."),
-             "param_importances": (draw(plots.plot_param_importances, 4, params=params,
-                                        evaluator=FanovaImportanceEvaluator(seed=0)),
-                                   "How much of the objective's variance each sampled parameter "
-                                   "explains (fANOVA over the completed trials, Optuna's "
-                                   "`optuna.importance`); with few trials, a rough guide."),
-             "objective_vs_params": (draw(plots.plot_slice, 4.5, params=params, target_name=objective),
-                                     f"The objective {name} of each completed trial against each "
-                                     "sampled parameter; colour is the trial number.")}
-    return {key: fig if isinstance(fig, str) else (fig, caption) for key, (fig, caption) in drawn.items()}
+    return {"optimization_history": draw(plots.plot_optimization_history, 5,
+                                         f"The objective {name} of every completed trial in the order "
+                                         f"they ran, and the best so far ({done} completed trials).",
+                                         target_name=objective),
+            "intermediate_values": draw(plots.plot_intermediate_values, 5,
+                                        f"{objective} per epoch of every trial, as reported to the "
+                                        "pruner: a line that stops early is a pruned trial."),
+            "param_importances": draw(plots.plot_param_importances, 4,
+                                      "How much of the objective's variance each sampled parameter "
+                                      "explains (fANOVA over the completed trials, Optuna's "
+                                      "`optuna.importance`); with few trials, a rough guide.",
+                                      params=params, evaluator=FanovaImportanceEvaluator(seed=0)),
+            "objective_vs_params": draw(plots.plot_slice, 4.5,
+                                        f"The objective {name} of each completed trial against each "
+                                        "sampled parameter; colour is the trial number.",
+                                        params=params, target_name=objective)}

@@ -1,14 +1,8 @@
-"""Study specs: a TOML file in experiments/ -> a validated, frozen `StudySpec`.
-
-A study is data, not code (disentanglement_lib): [study] says what is measured and how often,
-[grid] lists the axes whose cross product are the cells, the optional [search] runs an Optuna
-search inside every cell, and [fixed] sets every other `RunConfig` field. Everything that can
-be checked before training is checked here, so a bad spec fails in a second with one line that
-names the file, the key and the fix, instead of an hour into a sweep.
-
-Two modules: this one says what a study is (its cells, their RunConfigs, the dry run) and
-checks that the study makes sense (models and objectives, labels, every cell a valid run);
-`bench.spec_schema` checks the file against the schema of its tables, key by key.
+"""Study specs: a TOML file in experiments/ -> a validated, frozen `StudySpec`. [study] says
+what is measured and how often, [grid] lists the axes whose cross product are the cells, the
+optional [search] runs Optuna inside every cell, [fixed] sets every other `RunConfig` field.
+A bad spec fails before training with one line naming the file, the key and the fix: this
+module checks that the study makes sense, `bench.spec_schema` checks its tables key by key.
 
     spec = load_spec("experiments/default.toml").with_dataset("mnist")  # "auto" resolved
     print(format_plan(spec, train_size=50_000))  # the dry run
@@ -38,8 +32,7 @@ EXPERIMENTS_DIR = Path(__file__).resolve().parents[1] / "experiments"
 
 @dataclass(frozen=True)
 class Distribution:
-    """One searched RunConfig field: float/int in [low, high] (log-uniform if `log`), or one of
-    `choices`."""
+    """One searched RunConfig field: float/int in [low, high] (log-uniform if `log`), or `choices`."""
 
     name: str
     kind: str  # float | int | categorical
@@ -49,7 +42,6 @@ class Distribution:
     choices: tuple = ()
 
     def suggest(self, trial):
-        """The value an Optuna `trial` samples for this field."""
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
         suggest = trial.suggest_int if self.kind == "int" else trial.suggest_float
@@ -89,14 +81,12 @@ class Cell:
 
     @property
     def key(self) -> str:
-        """Stable name of the cell, e.g. "model=vae,loss=bce,latent=2,seed=0"; it finds the
-        cell's Optuna study and MLflow runs again, so it depends only on the values."""
+        """Stable name of the cell from its values alone, e.g. "model=vae,latent=2,seed=0"."""
         return ",".join(f"{name}={format_value(value)}" for name, value in self.params)
 
     @property
     def grid_key(self) -> str:
-        """The key without the seed: the cells that differ only in seed share it ("" for a
-        study without a grid)."""
+        """The key without the seed, shared by the cells that differ only in seed."""
         return ",".join(f"{name}={format_value(value)}" for name, value in self.params if name != "seed")
 
     @property
@@ -136,26 +126,23 @@ class StudySpec:
         return self.search.n_trials if self.search else 1
 
     def cells(self) -> list[Cell]:
-        """The grid's cross product times the seeds, seed varying slowest: every grid point runs
-        with the first seed before any runs with the second, so a study cut short still covers
-        the whole grid. Without a [grid], one cell per seed."""
+        """The grid's cross product times the seeds, seed varying slowest (a study cut short
+        still covers the grid); without a [grid], one cell per seed."""
         axes = [name for name, _ in self.grid]
         points = list(itertools.product(*(values for _, values in self.grid)))
         return [Cell(i, (*zip(axes, point), ("seed", seed)))
                 for i, (seed, point) in enumerate(itertools.product(self.seeds, points))]
 
     def cell(self, key: str) -> Cell:
-        """The cell whose `key` is `key` (e.g. read back from an Optuna study or MLflow run)."""
-        for cell in self.cells():
-            if cell.key == key:
-                return cell
+        found = [cell for cell in self.cells() if cell.key == key]
+        if found:
+            return found[0]
         raise SpecError(f"no cell {key!r} in study {self.name!r} ({_label(self.path)}): "
                         f"the spec changed since that run; list the cells with a dry run")
 
     def config(self, cell: Cell, dataset: str | None = None, **sampled) -> RunConfig:
-        """The RunConfig of one trial: RunConfig defaults < [fixed] < [study] dataset, binarize
-        and epochs < the cell's grid values and seed < `sampled` search values. `dataset`
-        replaces "auto" once the runner has resolved it."""
+        """A trial's RunConfig: defaults < [fixed] < [study] < the cell's values < `sampled` ones;
+        `dataset` replaces "auto" once the runner has resolved it."""
         dataset = dataset or self.dataset
         if dataset == "auto":
             raise SpecError(f"dataset is 'auto' in study {self.name!r}: resolve it first and pass "
@@ -172,8 +159,7 @@ class StudySpec:
         return _run_config(self, cell, dataset, sampled, _label(self.path))
 
     def with_dataset(self, name: str) -> StudySpec:
-        """The same study on dataset `name` (how the runner resolves "auto"); revalidated, and
-        `sha256` kept: it still identifies the spec file."""
+        """The same study on dataset `name` (resolving "auto"), revalidated; `sha256` is kept."""
         return dataclasses.replace(override(self, dataset=name), sha256=self.sha256)
 
     def to_dict(self) -> dict:
@@ -224,9 +210,8 @@ def parse_spec(data: dict, source: str = "<dict>") -> StudySpec:
 
 
 def override(spec: StudySpec, **study_fields) -> StudySpec:
-    """`spec` with [study] fields replaced, e.g. override(spec, epochs=1, seeds=[0]) from the
-    command line; revalidated. `sha256` becomes that of the changed spec, which no longer is the
-    file's study. Changing the objective alone lets the direction default again."""
+    """`spec` with [study] fields replaced (e.g. epochs=1, seeds=[0]), revalidated and rehashed;
+    changing the objective alone lets the direction default again."""
     data = spec.to_dict()
     if "objective" in study_fields and "direction" not in study_fields:
         del data["study"]["direction"]
@@ -236,9 +221,8 @@ def override(spec: StudySpec, **study_fields) -> StudySpec:
 
 def format_plan(spec: StudySpec, *, train_size: int | None = None, samples_per_s: float = 10_000,
                 workers: int = 1, overhead_s: float = TRIAL_OVERHEAD_S) -> str:
-    """The dry run: every cell the study would train, how many trials, and an estimate of the
-    time, cells x trials x epochs x train_size / (samples_per_s x workers) plus `overhead_s` per
-    trial for evaluation and tracking. `train_size` defaults to the dataset's "train_size" meta."""
+    """The dry run: every cell, the trials, and the time estimated as runs x epochs x train_size
+    / (samples_per_s x workers) + `overhead_s` per run; `train_size` defaults to the dataset's."""
     cells, trials = spec.cells(), spec.trials_per_cell
     runs = len(cells) * trials
     lines = [f"study {spec.name!r} ({_label(spec.path)}, sha256 {spec.sha256[:12]})",
@@ -278,7 +262,6 @@ def format_plan(spec: StudySpec, *, train_size: int | None = None, samples_per_s
 # --- does the study make sense -----------------------------------------------------------------
 
 def _parse(data, file: str, path: str, sha256: str) -> StudySpec:
-    """A StudySpec of checked values (bench.spec_schema) whose cells all make sense."""
     values = read(data, file)
     search = values.pop("search")
     if search is not None:

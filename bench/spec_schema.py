@@ -1,12 +1,7 @@
-"""The schema of a study spec and its checker: a spec as `tomllib` reads it -> the typed,
-checked values of a `bench.spec.StudySpec`, or one SpecError line that names the file, the
-table, the key and the fix (with the close name suggested where a name is unknown).
-
-The tables' keys are data (STUDY_KEYS, SEARCH_KEYS, DISTRIBUTIONS: what each key takes and
-its default),
-read by one checker (`_read`); [grid], [fixed] and [search.params] take RunConfig fields of
-RunConfig's types, and RunConfig itself is where every field's range is checked (`_in_range`).
-"""
+"""The schema of a study spec and its checker: a spec as `tomllib` reads it -> the checked
+values of a `bench.spec.StudySpec`, or one SpecError line naming the file, table, key and fix.
+The tables' keys are data (STUDY_KEYS, SEARCH_KEYS, DISTRIBUTIONS) read by one checker
+(`_read`); [grid], [fixed] and [search.params] take RunConfig fields, whose ranges RunConfig checks."""
 
 from __future__ import annotations
 
@@ -59,9 +54,8 @@ TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true
 
 
 def read(data, file: str) -> dict:
-    """The checked values of spec `data` (read from `file`): the [study] fields of StudySpec,
-    `grid` ((axis, values), ...), `fixed` ((key, value), ...) and `search` (None, or n_trials,
-    sampler, pruner and `params`, one dict of Distribution fields per searched field)."""
+    """The checked values of spec `data` (read from `file`): StudySpec's [study] fields, `grid`,
+    `fixed` and `search` (None, or SearchSpec's fields with one dict per Distribution)."""
     if not isinstance(data, dict):
         raise SpecError(f"{file} is not a table of tables: write [study], [grid], [search] "
                         f"and [fixed] tables")
@@ -103,8 +97,7 @@ def read(data, file: str) -> dict:
 
 
 def _read(table: dict, schema: dict, where: str, file: str) -> dict:
-    """The values of `table`'s keys as `schema` says (key -> (kind, default)), defaults filled
-    in: unknown keys suggest the close one, a missing required key says what to add."""
+    """`table`'s values as `schema` (key -> (kind, default)) says, defaults filled in."""
     for key in table:
         if key not in schema:
             raise SpecError(f"unknown key {key!r} in {where} of {file}: {suggest(key, schema)}")
@@ -117,8 +110,8 @@ def _read(table: dict, schema: dict, where: str, file: str) -> dict:
 
 
 def _typed(key: str, value, kind, where: str, file: str):
-    """`value` as `kind`: a type (ints are accepted as numbers), POSITIVE, or a tuple of the
-    strings it may be; None takes any value (the caller checks it)."""
+    """`value` as `kind`: a type (ints pass as floats), POSITIVE, a tuple of allowed strings, or
+    None for any value."""
     if kind is None:
         return value
     if isinstance(kind, tuple):
@@ -139,8 +132,6 @@ def _typed(key: str, value, kind, where: str, file: str):
 
 
 def _study(table: dict, file: str) -> dict:
-    """The [study] fields of StudySpec, each checked; RunConfig checks the ranges of the
-    fields it shares with a run (seeds, epochs, binarize)."""
     where = "[study]"
     epochs = table.get("epochs", RunConfig().epochs)
     seeds = table.get("seeds", [0])
@@ -202,7 +193,6 @@ def _search(table: dict | None, file: str) -> dict | None:
 
 
 def _distribution(key: str, spec, file: str) -> dict:
-    """The Distribution fields of searched field `key`: a float or int range, or choices."""
     field_type = _field(key, "[search.params]", file)
     if not isinstance(spec, dict):
         raise SpecError(f"{key} in [search.params] of {file} must be an inline table, e.g. "
@@ -245,8 +235,7 @@ def _field(key: str, where: str, file: str) -> type:
 
 
 def _field_value(key: str, value, where: str, file: str):
-    """`value` as RunConfig field `key` takes it: its type here, a registry name by its
-    registry, its range by RunConfig."""
+    """`value` as RunConfig field `key` takes it: type, registry name, range."""
     value = _typed(key, value, _field(key, where, file), where, file)
     if key in NAMED and value not in NAMED[key]:
         raise SpecError(f"{where} {key} of {file}: {NAMED[key].unknown_message(value)}")
@@ -254,7 +243,7 @@ def _field_value(key: str, value, where: str, file: str):
 
 
 def _in_range(key: str, value, where: str, file: str):
-    """`value` if RunConfig takes it for field `key` (RunConfig is where every range is checked)."""
+    """`value` if RunConfig takes it for field `key`."""
     try:
         RunConfig().replace(**{key: value})
     except ConfigError as error:

@@ -33,7 +33,7 @@ class AE(VAE):
         mu, _ = self.encoder(x, self.condition(y))
         return mu, torch.zeros_like(mu)
 
-    def terms(self, x, y=None, kl_weight: float = 1.0, generator=None):
+    def terms(self, x, y=None, kl_weight=1.0, generator=None, eps=None):
         mu, _ = self.encode(x, y)
         recon = self.likelihood(self.decode(mu, y), x)
         return {"loss": recon, "recon": recon}

@@ -18,8 +18,8 @@ class IWAE(VAE):
         warm = f", b rising linearly from 0 over {cfg.warmup_epochs} epochs" if cfg.warmup_epochs else ""
         return f"-log mean_k p(x|z_k) p(z_k)^b / q(z_k|x)^b with k={cfg.k}, b={cfg.beta:g}{warm}"
 
-    def terms(self, x, y=None, kl_weight: float = 1.0, generator=None):
+    def terms(self, x, y=None, kl_weight=1.0, generator=None, eps=None):
         mu, sigma = self.encode(x, y)
-        log_px_z, log_ratio = importance_terms(self, x, y, mu, sigma, self.k, generator)
+        log_px_z, log_ratio = importance_terms(self, x, y, mu, sigma, self.k, generator, eps)
         bound = torch.logsumexp(log_px_z + kl_weight * log_ratio, 0) - math.log(self.k)
         return {"loss": -bound, "recon": -log_px_z.mean(0), "kl": gaussian_kl(mu, sigma).sum(1)}

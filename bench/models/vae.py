@@ -29,14 +29,18 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, sigma: torch.Ten
     return (-0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * LOG_2PI).sum(-1)
 
 
-def importance_terms(model, x, y, mu, sigma, n: int, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(x|z_i), log p(z_i) - log q(z_i|x)), each (n, B), for n draws z_i ~ q(z|x): the
-    log importance weights, split so the IWAE bound can weight the second part (beta). The one
-    place they are computed, for the IWAE's training bound and the evaluation's log p(x)."""
-    eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
+def importance_terms(model, x, y, mu, sigma, n: int, generator=None,
+                     eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(x|z_i), log p(z_i) - log q(z_i|x)), each (n, B), for n draws z_i ~ q(z|x) (or
+    z_i = mu + sigma * eps[i] for given noise): the log importance weights, split so the IWAE
+    bound can weight the second part (beta). The one place they are computed, for the IWAE's
+    training bound and the evaluation's log p(x). The decoder sees an image's n draws as
+    consecutive rows, so a stacked model's rows stay grouped by trial."""
+    if eps is None:
+        eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + sigma * eps                                                  # (n, B, latent)
-    logits = model.decode(z.flatten(0, 1), None if y is None else y.repeat(n))
-    log_px_z = -model.likelihood(logits, x.repeat(n, *([1] * (x.dim() - 1)))).view(n, x.shape[0])
+    logits = model.decode(z.transpose(0, 1).flatten(0, 1), None if y is None else y.repeat_interleave(n))
+    log_px_z = -model.likelihood(logits, x.repeat_interleave(n, 0)).view(x.shape[0], n).T
     return log_px_z, log_normal(z) - log_normal(z, mu, sigma)
 
 
@@ -62,10 +66,14 @@ class VAE(nn.Module):
     def decode(self, z, y=None):
         return self.decoder(z, self.condition(y))
 
-    def terms(self, x, y=None, kl_weight: float = 1.0, generator=None) -> dict[str, torch.Tensor]:
-        """Per-image `loss` (what training minimises), `recon` (-log p(x|z)) and `kl`, in nats."""
+    def terms(self, x, y=None, kl_weight: float | torch.Tensor = 1.0, generator=None,
+              eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-image `loss` (what training minimises), `recon` (-log p(x|z)) and `kl`, in nats.
+        `kl_weight` may be one per image, and `eps` the noise (B, latent) drawn beforehand: a
+        stack of trials passes each trial's own."""
         mu, sigma = self.encode(x, y)
-        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        if eps is None:
+            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
         recon = self.likelihood(self.decode(mu + sigma * eps, y), x)
         kl = gaussian_kl(mu, sigma).sum(1)
         return {"loss": recon + kl_weight * kl, "recon": recon, "kl": kl}

@@ -93,6 +93,16 @@ def _spec(args):
     return override(spec, **changes) if changes else spec
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def cmd_sweep(args):
     from bench import sweep
     from bench.registry import DATASETS
@@ -111,7 +121,7 @@ def cmd_sweep(args):
     results = _results(args)
     try:
         out = sweep.run_study(spec, results=results, workers=args.workers, storage=args.storage,
-                              tracking_uri_=args.tracking_uri, restart=args.restart)
+                              tracking_uri_=args.tracking_uri, restart=args.restart, stack=args.stack)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished cells are kept; run the same command again to resume "
               f"({args.spec})", file=sys.stderr)
@@ -145,7 +155,7 @@ def cmd_worker(args):
 
     spec = _spec(args)
     ran = sweep.run_worker(spec, results=_results(args), storage=args.storage, tracking_uri_=args.tracking_uri,
-                           worker=args.worker_id, threads=args.threads)
+                           worker=args.worker_id, threads=args.threads, stack=args.stack)
     print(f"[worker {args.worker_id}] queue empty after {ran} trial(s)", flush=True)
     return 0
 
@@ -261,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--tracking-uri", help="MLflow tracking URI (default sqlite:///<results>/mlflow.db)")
         p.add_argument("--epochs", type=int, help="override the spec's epochs")
         _add_results(p)
+        p.add_argument("--stack", type=_positive, metavar="G",
+                       help="train up to G compatible trials at once as one stacked model (default: "
+                       "bench.sweep.DEFAULT_STACK for the device; 1 trains one at a time)")
         if name == "sweep":
             p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1; 0 only queues the cells for `bench worker`)")
             p.add_argument("--dry-run", action="store_true", help="print the cells and a time estimate only")

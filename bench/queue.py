@@ -141,12 +141,14 @@ def _heartbeats(storage) -> bool:
     return isinstance(storage, BaseHeartbeat) and is_heartbeat_enabled(storage)
 
 
-def take_queued(study: optuna.Study) -> optuna.Trial | None:
-    """Atomically claim a WAITING trial (never create one): the storage refuses the claim when
-    another worker got there first."""
+def take_queued(study: optuna.Study, accept=None) -> optuna.Trial | None:
+    """Atomically claim a WAITING trial (never create one; only one `accept(frozen)` takes
+    when given): the storage refuses the claim when another worker got there first."""
     storage = study._storage
     study_id = storage.get_study_id_from_name(study.study_name)
     for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
+        if accept is not None and not accept(frozen):
+            continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):

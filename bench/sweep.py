@@ -10,6 +10,7 @@ study by pointing `bench worker` at the same PostgreSQL storage and MLflow serve
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -140,8 +141,10 @@ def _delete_study(spec: StudySpec, storage, client) -> None:
 
 def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = None,
                tracking_uri_: str | None = None, worker: int = 1, threads: int | None = None,
-               progress: bool = True) -> int:
-    """Take queued trials of the study until none is left; returns how many this worker ran."""
+               progress: bool = True, stack: int | None = None) -> int:
+    """Take queued trials of the study until none is left, up to `stack` compatible ones at a
+    time trained as one stack (default: DEFAULT_STACK for the device); returns how many this
+    worker ran."""
     import torch
 
     if threads:
@@ -161,24 +164,92 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     exp_id = tracking.experiment_id(client, spec.name)
     parent = tracking.study_run(client, exp_id, spec.name)
     total = len(queue.slots(spec))
+    stack = stack or default_stack(spec)
     ran = 0
-    while (trial := queue.take_queued(study)) is not None:
+    while trials := claim(spec, study, stack):
         started = time.perf_counter()
-        trial.set_user_attr(queue.WORKER, f"{platform.node()}:{os.getpid()}")
-        with queue.Heartbeat(storage, trial):
-            state, value = _run_trial(spec, study, trial, data, client, exp_id, parent, results,
-                                      worker if progress else None)
-        ran += 1
+        with contextlib.ExitStack() as beats:
+            for trial in trials:
+                trial.set_user_attr(queue.WORKER, f"{platform.node()}:{os.getpid()}")
+                beats.enter_context(queue.Heartbeat(storage, trial))
+            ended = _run_trials(spec, study, trials, data, client, exp_id, parent, results,
+                                worker if progress else None)
+        ran += len(trials)
         if progress:
-            _report_progress(spec, study, trial, state, value, time.perf_counter() - started, total, worker)
+            for trial, (state, value) in zip(trials, ended):
+                _report_progress(spec, study, trial, state, value, time.perf_counter() - started, total, worker)
     return ran
+
+
+# Trials per stack when a worker is not told (--stack): measured by `bench perf` (README,
+# Performance); a GPU runs many small models at once where a CPU core gains little beyond 4.
+DEFAULT_STACK = {"cpu": 4, "cuda": 16, "mps": 4}
+
+
+def default_stack(spec: StudySpec) -> int:
+    from bench.train import resolve_device
+
+    return DEFAULT_STACK.get(resolve_device(spec.config(spec.cells()[0]).device).type, 1)
+
+
+def claim(spec: StudySpec, study: optuna.Study, stack: int = 1) -> list:
+    """Up to `stack` queued trials that can train as one stack (equal `stack_key`s; grid
+    studies only, since a search samples its trials' configs as they start), claimed
+    atomically one by one; [] when none is queued."""
+    from bench.stack import stack_key
+
+    first = queue.take_queued(study)
+    if first is None:
+        return []
+    trials = [first]
+    if stack <= 1 or spec.search is not None:
+        return trials
+    key = stack_key(spec.config(spec.cell(first.user_attrs[queue.CELL])))
+    if key is None:
+        return trials
+    fits = lambda frozen: stack_key(spec.config(spec.cell(frozen.user_attrs[queue.CELL]))) == key  # noqa: E731
+    while len(trials) < stack and (trial := queue.take_queued(study, accept=fits)) is not None:
+        trials.append(trial)
+    return trials
 
 
 EPOCH_LINE_S = 60  # a long trial prints a progress line at most this often (logs of long runs)
 
 
-def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker: int | None = None):
-    """Train one queued trial; tell Optuna how it ended. Returns (state, value)."""
+def _run_trials(spec, study, trials, data, client, exp_id, parent, results, worker: int | None = None):
+    """Train claimed trials (one solo, several as a stack); tell Optuna how each ended.
+    Returns (state, value) per trial. Ctrl-C fails them all as interrupted and propagates."""
+    from bench.trial import TrackedTrial, run_tracked_stack
+
+    opened, ended = [], {}
+    try:
+        for trial in trials:
+            try:  # inside: a lost tracking server fails this trial with the reason, not the worker
+                cfg, kwargs = _trial_setup(spec, trial, client, exp_id, parent, results, worker)
+                if len(trials) == 1:
+                    outcome = run_tracked(cfg, data, **kwargs, progress=False)
+                else:
+                    kwargs.pop("stop_exceptions")
+                    opened.append((trial, TrackedTrial(cfg, data, **kwargs)))
+                    continue
+            except Exception as e:  # noqa: BLE001 - this trial fails; a stack goes on without it
+                outcome = e
+            ended[trial.number] = _tell(spec, study, trial, outcome)
+        if opened:
+            outcomes = run_tracked_stack([t for _, t in opened], stop_exceptions=(optuna.TrialPruned,))
+            for (trial, _), outcome in zip(opened, outcomes):
+                ended[trial.number] = _tell(spec, study, trial, outcome)
+    except BaseException:
+        for trial in trials:
+            if trial.number not in ended:
+                trial.set_user_attr(queue.REASON, "interrupted")
+                study.tell(trial, state=TrialState.FAIL)
+        raise
+    return [ended[t.number] for t in trials]
+
+
+def _trial_setup(spec, trial, client, exp_id, parent, results, worker):
+    """The trial's config (its cell, plus what a search samples) and run_tracked's arguments."""
     cell = spec.cell(trial.user_attrs[queue.CELL])
     for name, values in spec.grid:
         trial.suggest_categorical(name, list(values))
@@ -186,7 +257,6 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker
     sampled = {d.name: d.suggest(trial) for d in spec.search.params} if spec.search else {}
     cfg = spec.config(cell, **sampled)
     prune = spec.search is not None and spec.search.pruner != "none"
-
     last_line = time.monotonic()
 
     def on_epoch(epoch, metrics, model):
@@ -206,25 +276,25 @@ def _run_trial(spec, study, trial, data, client, exp_id, parent, results, worker
             "vaebench.objective": f"{spec.objective} ({spec.direction}) of the epoch chosen by validation",
             "vaebench.objective_metric": spec.objective, "vaebench.objective_direction": spec.direction,
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
-    try:  # inside: a lost tracking server fails this trial with the reason, not the worker
-        resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
-        outcome = run_tracked(cfg, data, client=client, exp_id=exp_id, parent_run_id=parent, results=results,
-                              run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
-                              stop_exceptions=(optuna.TrialPruned,), progress=False, resume_run_id=resume)
-    except optuna.TrialPruned as e:
-        trial.set_user_attr(queue.REASON, f"pruned: {e}")
+    resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
+    return cfg, dict(client=client, exp_id=exp_id, parent_run_id=parent, results=results,
+                     run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
+                     stop_exceptions=(optuna.TrialPruned,), resume_run_id=resume)
+
+
+def _tell(spec, study, trial, outcome) -> tuple:
+    """Record how the trial ended in Optuna: COMPLETE with the objective at the epoch
+    validation chose, PRUNED, or FAIL with the reason."""
+    if isinstance(outcome, optuna.TrialPruned):
+        trial.set_user_attr(queue.REASON, f"pruned: {outcome}")
         study.tell(trial, state=TrialState.PRUNED)
         return TrialState.PRUNED, None
-    except Exception as e:  # noqa: BLE001 - any error fails this trial, not the worker
-        reason = str(e).splitlines()[0][:1000] if str(e) else type(e).__name__
-        reason = reason if isinstance(e, BenchError) else f"{type(e).__name__}: {reason}"
+    if isinstance(outcome, Exception):
+        reason = str(outcome).splitlines()[0][:1000] if str(outcome) else type(outcome).__name__
+        reason = reason if isinstance(outcome, BenchError) else f"{type(outcome).__name__}: {reason}"
         trial.set_user_attr(queue.REASON, reason)
         study.tell(trial, state=TrialState.FAIL)
         return TrialState.FAIL, reason
-    except BaseException:
-        trial.set_user_attr(queue.REASON, "interrupted")
-        study.tell(trial, state=TrialState.FAIL)
-        raise
     best = outcome.result.history[outcome.result.best_epoch - 1]
     value = best[spec.objective]
     trial.set_user_attr("run_id", outcome.run_id)
@@ -272,7 +342,7 @@ def _duration(seconds: float) -> str:
 
 def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int = 1,
               storage: str | None = None, tracking_uri_: str | None = None,
-              progress: bool = True, restart: bool = False) -> StudyOutcome:
+              progress: bool = True, restart: bool = False, stack: int | None = None) -> StudyOutcome:
     """Prepare the study, run `workers` local worker processes (in this process for 1; none for
     0, which only queues the cells for `bench worker`s) until the queue is empty, and return
     what the study holds."""
@@ -294,9 +364,9 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
         if workers == 0:  # coordinator only: queue the cells for `bench worker` processes elsewhere
             pass
         elif waiting and workers == 1:
-            trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress)
+            trained = run_worker(spec, results=results, storage=url, tracking_uri_=uri, progress=progress, stack=stack)
         elif waiting:
-            trained = _run_processes(spec, results, url, uri, min(workers, waiting))
+            trained = _run_processes(spec, results, url, uri, min(workers, waiting), stack)
     except BaseException:  # Ctrl-C or a failed worker: the study's run ends too, never left RUNNING
         tracking.quietly(tracking.end_run, client, parent, "KILLED", "the study was interrupted; run it again to resume")
         raise
@@ -310,7 +380,7 @@ def run_study(spec: StudySpec, *, results: str | Path = "results", workers: int 
     return result
 
 
-def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: int) -> int:
+def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: int, stack: int | None = None) -> int:
     """K `bench worker` processes with cores // K torch threads each (no oversubscription)."""
     spec_file = results / f".{spec.name}.spec.json"
     spec_file.write_text(json.dumps({"spec": spec.to_dict(), "path": spec.path, "sha256": spec.sha256}))
@@ -319,7 +389,8 @@ def _run_processes(spec: StudySpec, results: Path, url: str, uri: str, workers: 
     # the URLs travel in the environment, not on command lines that `ps` shows with their passwords
     env = {**os.environ, WORKER_STORAGE_ENV: url, WORKER_TRACKING_ENV: uri}
     procs = [subprocess.Popen([sys.executable, "-m", "bench", "worker", str(spec_file), "--results", str(results),
-                               "--threads", str(threads), "--worker-id", str(i + 1)], env=env)
+                               "--threads", str(threads), "--worker-id", str(i + 1),
+                               *(["--stack", str(stack)] if stack else [])], env=env)
              for i in range(workers)]
     try:
         codes = _wait_with_bar(spec, url, procs)

@@ -63,54 +63,66 @@ def check_config(cfg: RunConfig, data) -> None:
     create_model(cfg, data.image_shape, data.num_classes)
 
 
-def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
-                parent_run_id: str | None = None, tags: dict | None = None,
-                on_epoch: Callable | None = None, stop_exceptions: tuple = (),
-                progress: bool | None = None, log_images: bool = True,
-                resume_run_id: str | None = None) -> TrialOutcome:
-    """Train and evaluate `cfg` inside a new MLflow run (or continue `resume_run_id`, whose
-    saved training state is picked up) and return the outcome.
+class TrackedTrial:
+    """One trial's MLflow run around its training: opened (or reopened to resume) before the
+    trainer starts, fed by the trainer's callbacks, then finished with the test metrics and
+    the model, or ended with the reason it stopped. Epoch metrics and pictures reach MLflow
+    only once the training state that produced them is saved, so a resumed run never logs an
+    epoch twice."""
 
-    The run ends FINISHED with test metrics and the model, FAILED with a reason tag on
-    divergence or error, or KILLED when `on_epoch` raised one of `stop_exceptions` (pruning)
-    or the user interrupted. Epoch metrics and pictures reach MLflow only once the training
-    state that produced them is saved, so a resumed run never logs an epoch twice."""
-    check_config(cfg, data)
-    run_tags = {"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
-                "vaebench.data_source": data.source, "vaebench.training_objective": training_objective(cfg),
-                **(tags or {})}
-    if resume_run_id:
-        run_id = resume_run_id
-        tracking.reopen_run(client, run_id, {k: str(v) for k, v in run_tags.items()})
-    else:
-        run_id = tracking.start_trial_run(client, exp_id, cfg, run_name=run_name, parent_run_id=parent_run_id,
-                                          tags=run_tags)
-    checkpoint_dir = Path(results) / "checkpoints" / run_id
-    steps = image_steps(cfg.epochs)
-    pending_metrics: dict[int, dict] = {}
-    pending_images: list[tuple[str, object, int]] = []
-
-    def after_epoch(epoch: int, metrics: dict, model) -> None:
-        pending_metrics[epoch] = metrics
-        if log_images and epoch in steps:
-            pending_images.extend((key, image, epoch) for key, image in pictures(model, data, seed=cfg.seed).items())
-        if on_epoch is not None:
-            on_epoch(epoch, metrics, model)
-
-    def flush(epoch: int | None = None) -> None:
-        tracking.log_steps(client, run_id, dict(pending_metrics))
-        for key, image, step in pending_images:
-            tracking.log_image(client, run_id, key, image, step=step)
-        pending_metrics.clear()
-        pending_images.clear()
-
-    try:
+    def __init__(self, cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
+                 parent_run_id: str | None = None, tags: dict | None = None,
+                 on_epoch: Callable | None = None, log_images: bool = True, resume_run_id: str | None = None):
+        check_config(cfg, data)
+        self.cfg, self.data, self.client, self.results = cfg, data, client, Path(results)
+        self.on_epoch, self.log_images = on_epoch, log_images
+        run_tags = {"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
+                    "vaebench.data_source": data.source, "vaebench.training_objective": training_objective(cfg),
+                    **(tags or {})}
         if resume_run_id:
-            _log_missing_epochs(client, run_id, cfg, checkpoint_dir)
+            self.run_id = resume_run_id
+            tracking.reopen_run(client, self.run_id, {k: str(v) for k, v in run_tags.items()})
         else:
-            tracking.log_dataset(client, run_id, data)
-        result = fit(cfg, data, on_epoch=after_epoch, progress=progress, checkpoint_dir=checkpoint_dir,
-                     on_saved=flush)
+            self.run_id = tracking.start_trial_run(client, exp_id, cfg, run_name=run_name,
+                                                   parent_run_id=parent_run_id, tags=run_tags)
+        self.checkpoint_dir = self.results / "checkpoints" / self.run_id
+        self.steps = image_steps(cfg.epochs)
+        self.pending_metrics: dict[int, dict] = {}
+        self.pending_images: list[tuple[str, object, int]] = []
+        try:
+            if resume_run_id:
+                _log_missing_epochs(client, self.run_id, cfg, self.checkpoint_dir)
+            else:
+                tracking.log_dataset(client, self.run_id, data)
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def after_epoch(self, epoch: int, metrics: dict, model) -> None:
+        self.pending_metrics[epoch] = metrics
+        if self.log_images and epoch in self.steps:
+            self.pending_images.extend((key, image, epoch) for key, image in
+                                       pictures(model, self.data, seed=self.cfg.seed).items())
+        if self.on_epoch is not None:
+            self.on_epoch(epoch, metrics, model)
+
+    def flush(self, epoch: int | None = None) -> None:
+        tracking.log_steps(self.client, self.run_id, dict(self.pending_metrics))
+        for key, image, step in self.pending_images:
+            tracking.log_image(self.client, self.run_id, key, image, step=step)
+        self.pending_metrics.clear()
+        self.pending_images.clear()
+
+    def finish(self, result: TrainResult) -> TrialOutcome:
+        """Evaluate the best model on the test split, log everything, end the run FINISHED."""
+        try:
+            return self._finish(result)
+        except BaseException as e:
+            self.fail(e)
+            raise
+
+    def _finish(self, result: TrainResult) -> TrialOutcome:
+        cfg, data, client, run_id = self.cfg, self.data, self.client, self.run_id
         tracking.set_tags(client, run_id, {"vaebench.device": tracking.device_name(result.device),
                                            "vaebench.best_epoch": result.best_epoch,
                                            "vaebench.selection": result.selection,
@@ -119,7 +131,7 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
         model = result.model
         test_x, test_y = data.test.x.to(result.device), data.test.y.to(result.device)
         evaluation = evaluate(model, test_x, test_y, k=cfg.eval_k, nll_n=cfg.eval_n, binary_data=data.binary,
-                              data=data, cache_dir=Path(results) / "cache", quality_n=cfg.quality_n)
+                              data=data, cache_dir=self.results / "cache", quality_n=cfg.quality_n)
         last = result.history[-1]["epoch"]
         tracking.log_metrics(client, run_id, {**evaluation.prefixed("test"), "trial_seconds": result.seconds,
                                               "best_epoch": result.best_epoch}, step=last)
@@ -127,29 +139,75 @@ def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, res
                                            "vaebench.nll_k": cfg.eval_k})
         if evaluation.kl_per_dim:
             tracking.log_json(client, run_id, "metrics/kl_per_dim.json", evaluation.kl_per_dim)
-        if log_images:  # the best model's pictures at the final step
+        if self.log_images:  # the best model's pictures at the final step
             for key, image in pictures(model, data, seed=cfg.seed).items():
                 tracking.log_image(client, run_id, key, image, step=last + 1)
         tracking.log_model(client, run_id, model.cpu(), cfg, data.image_shape, data.num_classes)
         tracking.end_run(client, run_id, "FINISHED")
-        (checkpoint_dir / STATE_FILE).unlink(missing_ok=True)  # best.pt and last.pt stay
+        (self.checkpoint_dir / STATE_FILE).unlink(missing_ok=True)  # best.pt and last.pt stay
         return TrialOutcome(run_id, result, evaluation)
-    except stop_exceptions as e:
-        tracking.quietly(flush)
-        tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "PRUNED"})
-        tracking.quietly(tracking.end_run, client, run_id, "KILLED", f"pruned: {e}")
+
+    def fail(self, e: BaseException, stop_exceptions: tuple = ()) -> None:
+        """End the run for what stopped the trial: KILLED when pruned (a `stop_exceptions`) or
+        interrupted, FAILED with the reason on divergence or error. Never raises."""
+        client, run_id = self.client, self.run_id
+        if isinstance(e, stop_exceptions):
+            tracking.quietly(self.flush)
+            tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "PRUNED"})
+            tracking.quietly(tracking.end_run, client, run_id, "KILLED", f"pruned: {e}")
+        elif isinstance(e, KeyboardInterrupt):
+            tracking.quietly(tracking.end_run, client, run_id, "KILLED", "interrupted by the user")
+        elif isinstance(e, DivergedError):
+            tracking.quietly(self.flush)
+            tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "DIVERGED"})
+            tracking.quietly(tracking.end_run, client, run_id, "FAILED", str(e))
+        else:
+            tracking.quietly(tracking.end_run, client, run_id, "FAILED", f"{type(e).__name__}: {e}")
+
+
+def run_tracked(cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
+                parent_run_id: str | None = None, tags: dict | None = None,
+                on_epoch: Callable | None = None, stop_exceptions: tuple = (),
+                progress: bool | None = None, log_images: bool = True,
+                resume_run_id: str | None = None) -> TrialOutcome:
+    """Train and evaluate `cfg` inside a new MLflow run (or continue `resume_run_id`, whose
+    saved training state is picked up) and return the outcome (see TrackedTrial). `on_epoch`
+    may raise one of `stop_exceptions` to prune: the run ends KILLED and the error is raised."""
+    trial = TrackedTrial(cfg, data, client=client, exp_id=exp_id, run_name=run_name, results=results,
+                         parent_run_id=parent_run_id, tags=tags, on_epoch=on_epoch, log_images=log_images,
+                         resume_run_id=resume_run_id)
+    try:
+        result = fit(cfg, data, on_epoch=trial.after_epoch, progress=progress,
+                     checkpoint_dir=trial.checkpoint_dir, on_saved=trial.flush)
+    except BaseException as e:
+        trial.fail(e, stop_exceptions)
         raise
-    except KeyboardInterrupt:
-        tracking.quietly(tracking.end_run, client, run_id, "KILLED", "interrupted by the user")
+    return trial.finish(result)
+
+
+def run_tracked_stack(trials: list[TrackedTrial], stop_exceptions: tuple = ()) -> list[TrialOutcome | Exception]:
+    """Train opened trials as one stack (bench.stack) and finish each: per trial its outcome,
+    or the exception that ended it alone (its run ended accordingly). Ctrl-C ends them all."""
+    from bench.stack import fit_stack
+
+    try:
+        results = fit_stack([t.cfg for t in trials], trials[0].data, on_epoch=[t.after_epoch for t in trials],
+                            checkpoint_dirs=[t.checkpoint_dir for t in trials], on_saved=[t.flush for t in trials])
+    except BaseException as e:
+        for t in trials:
+            t.fail(e, stop_exceptions)
         raise
-    except DivergedError as e:
-        tracking.quietly(flush)
-        tracking.quietly(tracking.set_tags, client, run_id, {"vaebench.state": "DIVERGED"})
-        tracking.quietly(tracking.end_run, client, run_id, "FAILED", str(e))
-        raise
-    except Exception as e:
-        tracking.quietly(tracking.end_run, client, run_id, "FAILED", f"{type(e).__name__}: {e}")
-        raise
+    outcomes: list[TrialOutcome | Exception] = []
+    for t, result in zip(trials, results):
+        if isinstance(result, Exception):
+            t.fail(result, stop_exceptions)
+            outcomes.append(result)
+            continue
+        try:
+            outcomes.append(t.finish(result))
+        except Exception as e:  # noqa: BLE001 - this trial's evaluation or logging failed, not the others'
+            outcomes.append(e)
+    return outcomes
 
 
 def _log_missing_epochs(client, run_id: str, cfg: RunConfig, checkpoint_dir: Path) -> None:

@@ -63,6 +63,17 @@ def saved_epoch(results: Path) -> int:
     return 0
 
 
+def saved_epochs(results: Path) -> list[int]:
+    """The epochs of every trial's saved training state (a stack saves one per trial)."""
+    epochs = []
+    for path in (results / "checkpoints").glob("*/state.pt"):
+        try:
+            epochs.append(torch.load(path, weights_only=True)["epoch"])
+        except Exception:  # noqa: BLE001 - replaced while we read it
+            epochs.append(0)
+    return epochs
+
+
 def storages(results: Path) -> dict[str, str]:
     return {"sqlite": f"sqlite:///{results / 'optuna.db'}", "journal": f"journal:{results / 'optuna.journal'}"}
 
@@ -118,3 +129,51 @@ def test_a_killed_trial_is_retried_and_resumes_with_the_numbers_of_an_uninterrup
     assert int(resumed.data.tags["vaebench.resumed_from_epoch"]) >= killed_at
     assert tracking.FAIL_REASON not in resumed.data.tags
     assert history(client, run.info.run_id) == reference  # every epoch once, the same values
+
+
+STACKED_SPEC = SPEC.replace("seeds = [0]", "seeds = [0, 1, 2]").replace("dropout = 0.2", "dropout = 0.0") \
+    .replace('name = "recovery"', 'name = "stacked-recovery"')
+
+
+def test_a_killed_stack_resumes_each_of_its_trials_with_the_numbers_of_an_uninterrupted_stack(tmp_path):
+    reference_dir, results = tmp_path / "reference", tmp_path / "killed"
+    for d in (reference_dir, results):
+        d.mkdir()
+        (d / "spec.toml").write_text(STACKED_SPEC)
+    done = bench(str(reference_dir / "spec.toml"), "--stack", "3", results=reference_dir)
+    assert done.returncode == 0, done.stderr
+    ref_client = tracking.connect(tracking.default_uri(reference_dir))
+    ref_exp = ref_client.get_experiment_by_name("stacked-recovery").experiment_id
+    reference = {r.data.tags[tracking.CELL]: history(ref_client, r.info.run_id)
+                 for r in tracking.trial_runs(ref_client, ref_exp, "stacked-recovery")}
+    assert len(reference) == 3
+
+    worker = bench(str(results / "spec.toml"), "--stack", "3", results=results, wait=False)
+    deadline = time.monotonic() + 120
+    while len(saved := saved_epochs(results)) < 3 or min(saved) < 5:
+        assert worker.poll() is None, worker.stderr.read()
+        assert time.monotonic() < deadline, "the stack never saved its state"
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGKILL)
+    worker.wait()
+    study = optuna.load_study(study_name="stacked-recovery", storage=f"sqlite:///{results / 'optuna.db'}")
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 3  # one stack held all three
+
+    time.sleep(3)  # past the grace period
+    again = bench(str(results / "spec.toml"), "--stack", "3", results=results)
+    assert again.returncode == 0, again.stderr
+    trials = optuna.load_study(study_name="stacked-recovery", storage=f"sqlite:///{results / 'optuna.db'}").get_trials()
+    by_cell = {}
+    for t in trials:
+        by_cell.setdefault(t.user_attrs["cell"], []).append(t.state)
+    assert all(sorted(s, key=str) == sorted([TrialState.FAIL, TrialState.COMPLETE], key=str) for s in by_cell.values())
+    client = tracking.connect(tracking.default_uri(results))
+    runs = tracking.trial_runs(client, client.get_experiment_by_name("stacked-recovery").experiment_id, "stacked-recovery")
+    assert len(runs) == 3 and all(r.info.status == "FINISHED" for r in runs)  # each run continued
+    for run in runs:
+        assert int(run.data.tags["vaebench.resumed_from_epoch"]) >= 5
+        got, want = history(client, run.info.run_id), reference[run.data.tags[tracking.CELL]]
+        assert got.keys() == want.keys()
+        for key in want:
+            assert [s for s, _ in got[key]] == [s for s, _ in want[key]], key  # every epoch once
+            assert [v for _, v in got[key]] == pytest.approx([v for _, v in want[key]], rel=1e-6, abs=1e-6), key

@@ -12,8 +12,14 @@ percent between runs, so only ratios measured together mean anything). The net i
 - `gemm_ew_fraction`: trainer / the gemm+ew bound;
 - `iwae_images_per_s`: `iwae_log_likelihood` at k = 5000 on the same net;
 - `tracking_overhead`: a tracked trial (MLflow) / the same trial untracked, minus 1;
+- `stacked`: summed samples/s of N = 1, 4, 16, 64 seed trials trained as one stack on every
+  core, `stacked_speedup` (best / N = 1) and `stacked_roofline_fraction` (best / the step's
+  matmuls alone at that batch on as many threads);
+- `sweep_overhead` (the smoke study's wall time / its trials' training time, minus 1) and
+  `default_sweep_speedup` (the default study one trial at a time / stacked, 2 workers): whole
+  studies, so only without --quick;
 - `peak_rss_mb` of this process.
-Figures this does not measure yet are null with a note (stacked trials, pythae).
+Figures this does not measure are null with a note (pythae, not installed here).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import platform
 import resource
 import statistics
@@ -31,6 +38,7 @@ from pathlib import Path
 import torch
 
 BATCH, LATENT = 64, 32
+EXPERIMENTS = Path(__file__).resolve().parent.parent / "experiments"
 
 
 def machine() -> dict:
@@ -92,11 +100,11 @@ def _shapes(d: int) -> list[tuple[int, int]]:
     return [(d, 128), (128, 64), (64, LATENT), (64, LATENT), (LATENT, 64), (64, 128), (128, d)]
 
 
-def gemm_rate(d: int, elementwise: bool, steps: int) -> float:
+def gemm_rate(d: int, elementwise: bool, steps: int, batch: int = BATCH) -> float:
     """Samples/s of the step's matrix products (forward, grad input, grad weight), with one
     pass per unavoidable elementwise op when `elementwise`."""
-    layers = [(torch.randn(BATCH, a), torch.randn(a, b) / a, torch.empty(BATCH, b), torch.empty(a, b),
-               torch.empty(BATCH, a), torch.zeros(b)) for a, b in _shapes(d)]
+    layers = [(torch.randn(batch, a), torch.randn(a, b) / a, torch.empty(batch, b), torch.empty(a, b),
+               torch.empty(batch, a), torch.zeros(b)) for a, b in _shapes(d)]
     params = [torch.randn(a, b) for a, b in _shapes(d)]
     started = time.perf_counter()
     for _ in range(steps):
@@ -113,7 +121,43 @@ def gemm_rate(d: int, elementwise: bool, steps: int) -> float:
             torch.sigmoid(logits).sub_(logits)          # the loss and its gradient from logits
             for p in params:                            # one fused Adam pass (m, v, update)
                 p.mul_(0.999).add_(p, alpha=1e-3)
-    return steps * BATCH / (time.perf_counter() - started)
+    return steps * batch / (time.perf_counter() - started)
+
+
+STACKS = (1, 4, 16, 64)
+
+
+def stacked_rate(data, n: int) -> float:
+    """Summed training samples/s of n seed trials (seeds 0..n-1) trained as one stack."""
+    from bench.stack import fit_stack
+
+    cfgs = [dataclasses.replace(_config(data), seed=seed) for seed in range(n)]
+    return n * fit_stack(cfgs, data)[0].history[0]["samples_per_s"]
+
+
+def _threads(count: int, measure):
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        return measure()
+    finally:
+        torch.set_num_threads(before)
+
+
+def study_seconds(spec_path: str, stack: int, workers: int) -> tuple[float, float]:
+    """(wall seconds of a whole study in a fresh results folder, the sum of its trials' own
+    training seconds as their runs record them)."""
+    from bench import sweep, tracking
+    from bench.spec import load_spec
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        out = sweep.run_study(load_spec(spec_path), results=tmp, workers=workers, progress=False, stack=stack)
+        wall = time.perf_counter() - started
+        client = tracking.connect(out.tracking_uri)
+        runs = tracking.trial_runs(client, out.experiment_id, out.study)
+        training = sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs)
+    return wall, training
 
 
 def iwae_rate(data, k: int, images: int) -> float:
@@ -127,25 +171,30 @@ def iwae_rate(data, k: int, images: int) -> float:
     return images / (time.perf_counter() - started)
 
 
-def tracking_overhead(data) -> float:
-    """A tracked trial's wall time over the same trial untracked, minus 1."""
+def tracking_overhead(data, rounds: int = 3, epochs: int = 5) -> float:
+    """A tracked trial's wall time over the same trial untracked, minus 1: the median over
+    interleaved pairs after one warm-up pair (the first trial of a process pays imports)."""
     from bench import tracking
     from bench.evaluate import evaluate
     from bench.train import fit
     from bench.trial import run_tracked
 
-    cfg = dataclasses.replace(_config(data), eval_k=10, eval_n=50)
+    # the same evaluation both ways (no sample-quality judge: its one-off training is not tracking)
+    cfg = dataclasses.replace(_config(data), eval_k=10, eval_n=50, quality_n=0, epochs=epochs)
+    ratios = []
     with tempfile.TemporaryDirectory() as tmp:
         client = tracking.connect(tracking.default_uri(tmp))  # the store's migrations: not timed
         exp_id = tracking.experiment_id(client, "perf")
-        started = time.perf_counter()
-        result = fit(cfg, data, progress=False)
-        evaluate(result.model, data.test.x, data.test.y, k=10, nll_n=50)
-        plain = time.perf_counter() - started
-        started = time.perf_counter()
-        run_tracked(cfg, data, client=client, exp_id=exp_id, run_name="perf", results=tmp, progress=False)
-        tracked = time.perf_counter() - started
-    return tracked / plain - 1
+        for i in range(rounds + 1):
+            started = time.perf_counter()
+            result = fit(cfg, data, progress=False)
+            evaluate(result.model, data.test.x, data.test.y, k=10, nll_n=50, binary_data=data.binary, quality_n=0)
+            plain = time.perf_counter() - started
+            started = time.perf_counter()
+            run_tracked(cfg, data, client=client, exp_id=exp_id, run_name=f"perf {i}", results=tmp, progress=False)
+            if i:
+                ratios.append((time.perf_counter() - started) / plain)
+    return statistics.median(ratios) - 1
 
 
 def run(quick: bool = False, rounds: int | None = None) -> dict:
@@ -163,16 +212,34 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
                               ("gemm_ew_samples_per_s", lambda: gemm_rate(d, True, steps)),
                               ("iwae_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20))):
             samples.setdefault(name, []).append(measure())
-    out = {name: statistics.median(values) for name, values in samples.items()}
+    cores = os.cpu_count() or 1
+    for _ in range(rounds):  # stacks on every core, as one worker with --stack trains them
+        for size in STACKS:
+            samples.setdefault(f"stacked_{size}", []).append(_threads(cores, lambda: stacked_rate(data, size)))
+    out = {name: statistics.median(values) for name, values in samples.items() if not name.startswith("stacked_")}
+    stacked = {size: statistics.median(samples[f"stacked_{size}"]) for size in STACKS}
+    best = max(stacked, key=stacked.get)
+    roofline = _threads(cores, lambda: gemm_rate(d, False, steps // 4, batch=BATCH * best))
+    out["stacked"] = {str(size): rate for size, rate in stacked.items()}
+    out["stacked_speedup"] = stacked[best] / stacked[1]
+    out["stacked_roofline_fraction"] = stacked[best] / roofline
     out["gemm_ew_fraction"] = out["trainer_samples_per_s"] / out["gemm_ew_samples_per_s"]
     out["speedup_vs_naive"] = out["trainer_samples_per_s"] / out["naive_samples_per_s"]
     out["tracking_overhead"] = None if quick else tracking_overhead(data)
     out.update({"pythae_samples_per_s": None, "speedup_vs_pythae": None, "speedup_vs_pythae_nll": None,
-                "stacked": None, "stacked_roofline_fraction": None, "default_sweep_speedup": None,
-                "sweep_overhead": None,
+                "default_sweep_speedup": None, "sweep_overhead": None,
                 "notes": ["pythae: not installed here (optional extra `peers`, not declared yet)",
-                          "stacked trials are not implemented yet (issue: train at the hardware's speed)",
+                          f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
+                          f"roofline: the step's matmuls alone at batch {BATCH} x {best} on as many threads",
                           "the gemm+ew bound counts one pass per elementwise op; an approximation"]})
+    if not quick:  # whole studies: minutes each
+        wall, training = study_seconds(str(EXPERIMENTS / "smoke.toml"), stack=1, workers=1)
+        out["sweep_overhead"] = wall / training - 1
+        solo, _ = study_seconds(str(EXPERIMENTS / "default.toml"), stack=1, workers=2)
+        stacked_wall, _ = study_seconds(str(EXPERIMENTS / "default.toml"), stack=None, workers=2)
+        out["default_sweep_speedup"] = solo / stacked_wall
+        out["notes"].append(f"default study: {solo:.0f} s one trial at a time, {stacked_wall:.0f} s stacked "
+                            "(2 workers); sweep_overhead: the smoke study's wall time over its trials' training")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.update({"machine": machine(), "dataset": data.name, "train_images": len(data.train.x),
                 "rounds": rounds, "quick": quick, "when": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -187,6 +254,10 @@ def markdown(result: dict) -> str:
              "| figure | value |", "|---|---|"]
     for key, value in result.items():
         if key in ("machine", "notes", "dataset", "train_images", "rounds", "quick", "when"):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"N={k}: {v:,.0f}" for k, v in value.items())
+            lines.append(f"| `{key}` | {value} |")
             continue
         shown = "—" if value is None else (f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}")
         lines.append(f"| `{key}` | {shown} |")

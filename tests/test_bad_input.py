@@ -88,6 +88,8 @@ CASES = {
     "unknown optimizer": (TRAIN + ["--optimizer", "sgd"], {}, ["optimizer must be one of adam, adamnormgrad"]),
     "negative workers": (["sweep", "{tmp}/spec.toml", "--workers", "-1"], {"spec.toml": GOOD_STUDY},
                          ["--workers must be >= 0"]),
+    "empty stack": (["sweep", "{tmp}/spec.toml", "--stack", "0"], {"spec.toml": GOOD_STUDY},
+                    ["--stack: must be a whole number >= 1, got '0'"]),
     "divergent lr": (TRAIN + ["--loss", "gaussian", "--lr", "1e6"], {}, ["training diverged", "lower lr"]),
     # specs
     "malformed toml": (["sweep", "{tmp}/spec.toml"], {"spec.toml": "[study\nname = 'x'\n"}, ["spec.toml", "TOML"]),

@@ -16,4 +16,7 @@ def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
     assert result["gemm_ew_fraction"] == pytest.approx(result["trainer_samples_per_s"] / result["gemm_ew_samples_per_s"])
     table = perf.markdown(result)
     assert result["machine"]["torch"] in table and "| `trainer_samples_per_s` |" in table
-    assert all(result[key] is None for key in ("stacked", "pythae_samples_per_s"))  # said, not invented
+    assert set(result["stacked"]) == {"1", "4", "16", "64"} and all(v > 0 for v in result["stacked"].values())
+    assert result["stacked_speedup"] == pytest.approx(max(result["stacked"].values()) / result["stacked"]["1"])
+    assert "N=16" in table
+    assert all(result[key] is None for key in ("pythae_samples_per_s", "default_sweep_speedup"))  # said, not invented

@@ -349,7 +349,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad argument (its line is written) or --help: a status, as any command
+        return e.code if isinstance(e.code, int) else 2
     try:
         return args.func(args)
     except BenchError as e:

@@ -26,7 +26,7 @@ from torch import nn
 
 from bench import train
 from bench.config import RunConfig
-from bench.errors import ConfigError, DivergedError
+from bench.errors import ConfigError
 from bench.evaluate import EVAL_SEED
 from bench.models import create_model
 
@@ -310,16 +310,13 @@ def fit_stack(cfgs: list[RunConfig], data, *, on_epoch: list[Callable | None] | 
             loss.sum().backward()
             opt.step()
             step_losses[step] = loss.detach()
-        sizes = torch.full((steps,), float(bs), device=device, dtype=torch.float64)
-        sizes[-1] = n - bs * (steps - 1)
-        train_losses = (step_losses.double() * sizes[:, None]).sum(0) / n
-        finite = torch.isfinite(step_losses).all(0)
+        train_losses = train.epoch_loss(step_losses, n, bs)
         train_seconds = time.perf_counter() - t0
         for j, i in enumerate(active):
             t = trials[i]
             t.epoch += 1
             try:
-                _end_epoch(t, j, stacked, step_losses[:, j], bool(finite[j]), float(train_losses[j]), train_seconds,
+                _end_epoch(t, j, stacked, step_losses[:, j], float(train_losses[j]), train_seconds,
                            len(active), n, steps, selection, sign, x_val, y_val, device)
             except Exception as e:  # noqa: BLE001 - ends this trial alone (divergence, pruning)
                 t.outcome = e
@@ -336,15 +333,11 @@ def fit_stack(cfgs: list[RunConfig], data, *, on_epoch: list[Callable | None] | 
             for t in trials]
 
 
-def _end_epoch(t: _Trial, j: int, stacked, step_losses, finite: bool, train_loss: float, seconds: float,
+def _end_epoch(t: _Trial, j: int, stacked, step_losses, train_loss: float, seconds: float,
                width: int, n: int, steps: int, selection: str, sign: float, x_val, y_val, device) -> None:
     """What solo `fit` does after an epoch, for trial t (slice j of the stack)."""
     cfg, epoch = t.cfg, t.epoch
-    if not finite:
-        step = int((~torch.isfinite(step_losses)).nonzero()[0])
-        raise DivergedError(f"training diverged: loss is {step_losses[step].item()} at epoch {epoch}, "
-                            f"step {step + 1} of {steps}; lower lr (now {cfg.lr:g}) or use a bounded likelihood",
-                            epoch=epoch, step=step + 1)
+    train.check_step_losses(step_losses, cfg, epoch)
     model = copy_out(stacked, j, t.model)
     started = time.perf_counter()
     metrics = {"train/loss": train_loss, "kl_weight": train.kl_weight(cfg, epoch, 1.0),
@@ -353,9 +346,7 @@ def _end_epoch(t: _Trial, j: int, stacked, step_losses, finite: bool, train_loss
     metrics.update(seconds=seconds + time.perf_counter() - started, samples_per_s=n / seconds, stack_size=width)
     t.seconds += metrics["seconds"]
     t.history.append({"epoch": epoch, **metrics})
-    if not math.isfinite(metrics[selection]):
-        raise DivergedError(f"training diverged: validation {selection} is {metrics[selection]} after epoch "
-                            f"{epoch}; lower lr (now {cfg.lr:g}) or use a bounded likelihood", epoch=epoch, step=steps)
+    train.check_validation(metrics, selection, cfg, epoch, steps)
     value = sign * metrics[selection]
     if value > t.best_value:
         t.best_value, t.best_epoch, t.bad_epochs = value, epoch, 0

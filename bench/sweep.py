@@ -229,9 +229,8 @@ def _run_trials(spec, study, trials, data, client, exp_id, parent, results, work
             try:  # inside: a lost tracking server fails this trial with the reason, not the worker
                 cfg, kwargs = _trial_setup(spec, trial, client, exp_id, parent, results, worker)
                 if len(trials) == 1:
-                    outcome = run_tracked(cfg, data, **kwargs, progress=False)
+                    outcome = run_tracked(cfg, data, **kwargs, stop_exceptions=(optuna.TrialPruned,), progress=False)
                 else:
-                    kwargs.pop("stop_exceptions")
                     opened.append((trial, TrackedTrial(cfg, data, **kwargs)))
                     continue
             except Exception as e:  # noqa: BLE001 - this trial fails; a stack goes on without it
@@ -280,8 +279,7 @@ def _trial_setup(spec, trial, client, exp_id, parent, results, worker):
             "vaebench.spec_sha256": spec.sha256, "optuna.study": spec.name, "optuna.trial": trial.number}
     resume = resumable(client, exp_id, spec, cell, trial.user_attrs.get(queue.SLOT, 0), cfg, results)
     return cfg, dict(client=client, exp_id=exp_id, parent_run_id=parent, results=results,
-                     run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch,
-                     stop_exceptions=(optuna.TrialPruned,), resume_run_id=resume)
+                     run_name=f"{trial.number:04d} {cell.key}", tags=tags, on_epoch=on_epoch, resume_run_id=resume)
 
 
 def _tell(spec, study, trial, outcome) -> tuple:

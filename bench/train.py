@@ -99,6 +99,31 @@ def validate(model, x, y, generator: torch.Generator) -> dict[str, float]:
     return out
 
 
+def check_step_losses(step_losses: torch.Tensor, cfg: RunConfig, epoch: int) -> None:
+    """DivergedError naming the first step of the epoch whose loss was not finite."""
+    finite = torch.isfinite(step_losses)
+    if not bool(finite.all()):
+        step = int((~finite).nonzero()[0])
+        raise DivergedError(f"training diverged: loss is {step_losses[step].item()} at epoch {epoch}, "
+                            f"step {step + 1} of {len(step_losses)}; lower lr (now {cfg.lr:g}) or "
+                            "use a bounded likelihood", epoch=epoch, step=step + 1)
+
+
+def check_validation(metrics: dict, selection: str, cfg: RunConfig, epoch: int, steps: int) -> None:
+    if not math.isfinite(metrics[selection]):
+        raise DivergedError(f"training diverged: validation {selection} is {metrics[selection]} "
+                            f"after epoch {epoch}; lower lr (now {cfg.lr:g}) or use a bounded "
+                            "likelihood", epoch=epoch, step=steps)
+
+
+def epoch_loss(step_losses: torch.Tensor, n: int, bs: int) -> torch.Tensor:
+    """The epoch's mean loss per image from per-step batch means (steps, ...): the last batch
+    holds n - bs * (steps - 1) images."""
+    sizes = torch.full((len(step_losses),), float(bs), device=step_losses.device, dtype=torch.float64)
+    sizes[-1] = n - bs * (len(step_losses) - 1)
+    return (step_losses.double() * sizes.view(-1, *[1] * (step_losses.dim() - 1))).sum(0) / n
+
+
 def _adam(params, cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     """Adam with the fused kernel where this torch has it for the device (measured faster)."""
     try:
@@ -246,27 +271,16 @@ def fit(cfg: RunConfig, data, *, on_epoch: Callable[[int, dict, torch.nn.Module]
                 step_losses[step] = loss.detach()
                 if not bar.disable and step % 50 == 0:
                     bar.set_postfix_str(f"step {step + 1}/{steps} loss {loss.item():.2f}", refresh=True)
-            finite = torch.isfinite(step_losses)
-            if not bool(finite.all()):
-                step = int((~finite).nonzero()[0])  # the first step whose loss was not finite
-                raise DivergedError(f"training diverged: loss is {step_losses[step].item()} at epoch {epoch}, "
-                                    f"step {step + 1} of {steps}; lower lr (now {cfg.lr:g}) or "
-                                    "use a bounded likelihood", epoch=epoch, step=step + 1)
-            sizes = torch.full((steps,), float(bs), device=device, dtype=torch.float64)
-            sizes[-1] = n - bs * (steps - 1)
-            loss_sum = (step_losses.double() * sizes).sum()
+            check_step_losses(step_losses, cfg, epoch)
             train_seconds = time.perf_counter() - t0
-            metrics = {"train/loss": float(loss_sum) / n, "kl_weight": kl_weight(cfg, epoch, 1.0),
+            metrics = {"train/loss": float(epoch_loss(step_losses, n, bs)), "kl_weight": kl_weight(cfg, epoch, 1.0),
                        **validate(model, x_val, y_val, torch.Generator(device).manual_seed(val_gen_seed)),
                        "seconds": time.perf_counter() - t0, "samples_per_s": n / train_seconds}
             history.append({"epoch": epoch, **metrics})
             bar.update(1)
             bar.set_postfix_str(f"train/loss {metrics['train/loss']:.2f} {selection} {metrics[selection]:.2f} "
                                 f"{metrics['samples_per_s']:,.0f} samples/s")
-            if not math.isfinite(metrics[selection]):
-                raise DivergedError(f"training diverged: validation {selection} is {metrics[selection]} "
-                                    f"after epoch {epoch}; lower lr (now {cfg.lr:g}) or use a bounded "
-                                    "likelihood", epoch=epoch, step=steps)
+            check_validation(metrics, selection, cfg, epoch, steps)
             value = sign * metrics[selection]
             if value > best_value:
                 best_value, best_epoch, bad_epochs = value, epoch, 0

@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_results(p)
         p.add_argument("--stack", type=_positive, metavar="G",
                        help="train up to G compatible trials at once as one stacked model (default: "
-                       "bench.sweep.DEFAULT_STACK for the device; 1 trains one at a time)")
+                       "bench.worker.DEFAULT_STACK for the device; 1 trains one at a time)")
         if name == "sweep":
             p.add_argument("--workers", type=int, default=1, help="local worker processes (default 1; 0 only queues the cells for `bench worker`)")
             p.add_argument("--dry-run", action="store_true", help="print the cells and a time estimate only")

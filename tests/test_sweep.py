@@ -11,7 +11,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from bench import queue, sweep, tracking
+from bench import queue, study, sweep, tracking
 from bench.errors import StudyError
 from bench.spec import load_spec, override, parse_spec
 
@@ -229,7 +229,7 @@ def test_a_search_trains_n_trials_per_cell_and_reports_every_epoch(results):
 def test_pruned_trials_are_pruned_in_optuna_and_killed_in_mlflow(results, monkeypatch):
     # Too few trials for the median pruner to act; a threshold no ELBO (< 0 nats) reaches
     # makes Optuna prune every trial after its first epoch.
-    monkeypatch.setattr(sweep, "pruner", lambda spec: optuna.pruners.ThresholdPruner(lower=0.0))
+    monkeypatch.setattr(study, "pruner", lambda spec: optuna.pruners.ThresholdPruner(lower=0.0))
     spec = search_spec("pruned", n_trials=2)
 
     outcome = sweep.run_study(spec, results=results, progress=False)

@@ -1,0 +1,60 @@
+"""Where a spec's Optuna study lives and how it is opened: its storage and tracking locations
+(the spec, else a flag, else the environment, else sqlite under results/), its sampler and
+pruner, and the spec it was queued from. Shared by the coordinator (`bench.sweep`) and the
+workers (`bench.worker`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+
+from bench import locations
+from bench.data import auto_dataset
+from bench.errors import StudyError
+from bench.spec import StudySpec
+
+SPEC_HASH = "spec_sha256"
+# a coordinator hands its worker processes the two URLs here, never on a command line
+WORKER_STORAGE_ENV, WORKER_TRACKING_ENV = "VAEBENCH_WORKER_STORAGE", "VAEBENCH_WORKER_TRACKING_URI"
+
+
+
+def storage_url(spec: StudySpec, results: str | Path, storage: str | None = None) -> str:
+    """--storage, else the spec's, else $VAEBENCH_STORAGE, else sqlite under `results`."""
+    return storage or spec.storage or locations.default_storage(results)
+
+
+def tracking_uri(spec: StudySpec, results: str | Path, uri: str | None = None) -> str:
+    """--tracking-uri, else the spec's, else $VAEBENCH_TRACKING_URI, else sqlite under `results`."""
+    return uri or spec.tracking_uri or locations.default_tracking(results)
+
+
+def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    name = spec.search.sampler if spec.search else "random"
+    seed = spec.seeds[0]
+    return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+            "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+            "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}[name]()
+
+
+def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
+    name = spec.search.pruner if spec.search else "none"
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+            "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs),
+            "none": optuna.pruners.NopPruner}[name]()
+
+
+def open_study(spec: StudySpec, storage, create: bool) -> optuna.Study:
+    kwargs = dict(study_name=spec.name, storage=storage, sampler=sampler(spec), pruner=pruner(spec))
+    if create:
+        return optuna.create_study(direction=spec.direction, load_if_exists=True, **kwargs)
+    try:
+        return optuna.load_study(**kwargs)
+    except KeyError:
+        raise StudyError(f"no study {spec.name!r} in this storage yet: run `bench sweep SPEC` once "
+                         "(it creates the study and queues its cells), then start workers") from None
+
+
+def resolve(spec: StudySpec) -> StudySpec:
+    return spec.with_dataset(auto_dataset()) if spec.dataset == "auto" else spec

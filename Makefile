@@ -47,7 +47,7 @@ mutate: $(STAMP)  ## mutation testing of the modules that decide the numbers (sl
 	$(BIN)/python tests/mutate.py $(MODULES)
 
 reproduce: $(STAMP)  ## the Exemplar VAE reproduction at the paper's protocol, in the background (resumes)
-	nohup $(BIN)/bench table exemplar2020 --full --workers 2 --results $(RESULTS) \
+	nohup $(BIN)/bench table exemplar2020 --full --workers 3 --results $(RESULTS) \
 		--publish docs/reproductions/exemplar2020 \
 		>> $(RESULTS)/reproduce-exemplar2020.log 2>&1 &
 	@echo "training in the background; progress: tail -f $(RESULTS)/reproduce-exemplar2020.log"

@@ -37,15 +37,16 @@ def final_metrics(model: str, loss: str, latent: int, seed: int) -> dict[str, fl
 
 
 def log_trial(client, exp_id, parent, trial, *, model, loss, latent, seed, status="FINISHED",
-              state=None, reason=None, image_steps=()):
+              state=None, reason=None, image_steps=(), study=STUDY, axes=("model", "loss", "latent")):
     """One trial run as a sweep logs it: params, two epochs of validation metrics, final test
     metrics, the vaebench tags and samples and reconstructions at `image_steps` (grey level
     200 at step 3, black before)."""
     cfg = RunConfig(model=model, loss=loss, latent=latent, seed=seed, dataset="digits", epochs=2)
-    cell = f"model={model},loss={loss},latent={latent},seed={seed}"
+    values = {"model": model, "loss": loss, "latent": latent}
+    cell = ",".join(f"{axis}={values[axis]}" for axis in axes) + f",seed={seed}"
     run_id = tracking.start_trial_run(
         client, exp_id, cfg, run_name=f"{trial:04d} {cell}", parent_run_id=parent,
-        tags={tracking.STUDY: STUDY, tracking.TRIAL: trial, tracking.CELL: cell,
+        tags={tracking.STUDY: study, tracking.TRIAL: trial, tracking.CELL: cell,
               "vaebench.dataset": "digits", "vaebench.binarize": "none",
               "vaebench.objective": "val/bce (minimize) of the epoch chosen by validation"})
     for epoch in (1, 2):
@@ -226,6 +227,24 @@ def test_html_report_is_self_contained(report):
     assert 'src="figures/' not in html and "<table>" in html
     first = html.split('src="data:image/png;base64,')[1].split('"')[0]
     assert base64.b64decode(first) == (report / "figures" / f"{FIGURES[0]}.png").read_bytes()
+
+
+def test_a_grid_over_models_alone_shows_metrics_per_cell_not_against_latent(tmp_path, new_store):
+    uri = new_store(tmp_path / "results")
+    client = tracking.connect(uri)
+    exp_id = tracking.experiment_id(client, "models")
+    parent = tracking.study_run(client, exp_id, "models")
+    for trial, (model, seed) in enumerate((m, s) for m in ("vae", "ae") for s in (0, 1, 2)):
+        log_trial(client, exp_id, parent, trial, model=model, loss="bce", latent=8, seed=seed,
+                  study="models", axes=("model",))
+    tracking.end_run(client, parent)
+
+    out = write_report("models", results=tmp_path / "results")
+
+    drawn = sorted(p.stem for p in (out / "figures").glob("*.png"))
+    assert drawn == ["learning_curves", "rate_distortion", "seconds_per_trial", "test_metrics"]
+    md = (out / "report.md").read_text()
+    assert "Test metrics per cell" in md and "latent size" not in md and "BCE and MSE" not in md
 
 
 def test_the_seed_figure_uses_the_pictures_of_the_highest_step(store):

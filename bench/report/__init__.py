@@ -33,6 +33,7 @@ __all__ = ["MIN_SEEDS", "ReportError", "finished", "load_runs", "mean_interval",
 
 # figure file name -> (section title, why it may be missing)
 FIGURES = {"metrics_vs_latent": ("Test metrics against latent size", "no finished run has test metrics"),
+           "test_metrics": ("Test metrics per cell", "no finished run has test metrics"),
            "learning_curves": ("Learning curves", "no finished run logged val/elbo or val/bce"),
            "objective_heatmap": ("The objective per cell",
                                  "no finished run, or the runs share no objective (trained outside a sweep?)"),
@@ -72,7 +73,7 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
     (out / "table.tex").write_text(latex_table(*summary_table(summary, axes, SUMMARY_COLUMNS, latex=True),
                                                caption, f"tab:{safe_name}"))
     study, spec = optuna_study(storage or locations.default_storage(results), experiment)
-    drawers = {"metrics_vs_latent": lambda: figure_metrics(runs),
+    drawers = {"metrics_vs_latent": lambda: figure_metrics(runs), "test_metrics": lambda: figure_metrics(runs),
                "learning_curves": lambda: figure_curves(done, load_curves(uri, done)),
                "objective_heatmap": lambda: figure_heatmap(runs),
                "rate_distortion": lambda: figure_rate_distortion(runs),
@@ -92,13 +93,26 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
               "differences": differences_table(paired) if compares and not paired.empty else None,
               "alpha": f"{1 - CONFIDENCE:.0%}",
               "figures": [_save(out, name, drawers[name]() if not done.empty else None, title, missing)
-                          for name, (title, missing) in FIGURES.items()] if axes else [],
+                          for name, (title, missing) in _figures(axes, done, compares).items()],
               "other": other_trials_table(other) if not other.empty else None,
               "running": bool((other["state"] == "RUNNING").any())}
     markdown, html = render(report)
     (out / "report.md").write_text(markdown)
     (out / "report.html").write_text(html)
     return out
+
+
+def _figures(axes: list[str], done: pd.DataFrame, compares: bool) -> dict:
+    """The FIGURES that fit this grid: metrics against latent size where the grid varies it, else
+    per cell; the heatmap only over loss or latent; the pictures only where bce meets mse."""
+    if not axes:
+        return {}
+    drop = {"test_metrics" if "latent" in axes and done["latent"].nunique() > 1 else "metrics_vs_latent"}
+    if not {"loss", "latent"} & set(axes):
+        drop.add("objective_heatmap")
+    if not compares:
+        drop.add("bce_vs_mse_pictures")
+    return {name: entry for name, entry in FIGURES.items() if name not in drop}
 
 
 def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:

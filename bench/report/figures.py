@@ -296,8 +296,9 @@ def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     fig.suptitle(f"Rate vs distortion — {context.dataset} ({context.binarize})", fontsize=12)
     skipped = sorted(set(finished(runs)["model"]) - set(done["model"]))
     caption = ("Rate (KL from the encoder to the prior) against distortion (−log p(x|z)) on the "
-               "test set, one point per run and lines through the cell means by latent size (z). "
-               "Lower-left is better; the negative ELBO is their sum, so lines of slope −1 are "
+               "test set, one point per run"
+               + (" and lines through the cell means by latent size (z). " if "latent" in axes else ". ")
+               + "Lower-left is better; the negative ELBO is their sum, so lines of slope −1 are "
                "lines of equal ELBO. Distortion is in each loss's own nats, so panels are not "
                "compared with each other." + (f" Not shown (no KL, not variational): {', '.join(skipped)}."
                                               if skipped else "")

@@ -188,9 +188,7 @@ def cmd_table(args):
 
 
 def cmd_ui(args):
-    from bench import locations
-
-    from bench import tracking
+    from bench import locations, tracking
 
     uri = args.tracking_uri or locations.default_tracking(_results(args))
     if locations.sqlite_path(uri) is not None and not locations.sqlite_path(uri).exists():

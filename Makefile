@@ -10,7 +10,7 @@ PORT   ?= 5000
 STAMP  := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install sweep test test-fast report paper perf mutate reproduce services services-stop ui dashboard clean
+.PHONY: help install sweep test test-fast report paper perf mutate ui-check reproduce services services-stop ui dashboard clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,11 @@ paper: $(STAMP)  ## run the paper tables (CPU budget) and print them beside the 
 
 perf: $(STAMP)  ## measure training speed against baselines (writes results/perf.json)
 	$(BIN)/bench perf --out $(RESULTS)/perf.json
+
+ui-check: $(STAMP)  ## drive the MLflow UI in headless chromium: pictures and step sliders (not in CI)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[ui]"
+	@test -x /usr/bin/chromium || { echo "ui-check needs Debian's chromium: apt-get install chromium"; exit 2; }
+	$(BIN)/python tests/ui_check.py
 
 mutate: $(STAMP)  ## mutation testing of the modules that decide the numbers (slow; not in CI)
 	$(BIN)/pip install --quiet --disable-pip-version-check "mutmut>=3.8,<4"

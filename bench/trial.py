@@ -16,7 +16,7 @@ from bench.errors import DivergedError
 from bench.evaluate import Evaluation, evaluate
 from bench.models import create_model
 from bench.registry import MODELS
-from bench.train import STATE_FILE, TrainResult, fit, load_state, resolve_device
+from bench.train import STATE_FILE, TrainResult, fit, load_state, resolve_device, seed_everything
 
 FIXED_EXAMPLES = 10  # test images shown in the recon/interpolation grids of every run
 
@@ -38,7 +38,8 @@ def training_objective(cfg: RunConfig) -> str:
 
 
 def image_steps(epochs: int) -> set[int]:
-    """Epochs at which pictures are logged: first, last and about four between (slider steps)."""
+    """Epochs at which pictures are logged: first, last and about four between (slider steps);
+    step 0 holds the initial model's and the step after the last the best model's."""
     return {1, epochs, *range(max(1, epochs // 4), epochs + 1, max(1, epochs // 4))}
 
 
@@ -94,6 +95,11 @@ class TrackedTrial:
                 _log_missing_epochs(client, self.run_id, cfg, self.checkpoint_dir)
             else:
                 tracking.log_dataset(client, self.run_id, data)
+                if log_images:  # step 0: the model before training, where MLflow's image cards open
+                    seed_everything(cfg.seed)  # as `fit` starts, so this is the model it trains
+                    initial = create_model(cfg, data.image_shape, data.num_classes)
+                    for key, image in pictures(initial, data, seed=cfg.seed).items():
+                        tracking.log_image(client, self.run_id, key, image, step=0)
         except BaseException as e:
             self.fail(e)
             raise

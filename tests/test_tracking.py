@@ -24,6 +24,8 @@ from bench.data import load_dataset
 from bench.errors import DivergedError
 from bench.evaluate import evaluate
 from bench.registry import MODELS
+from bench.models import create_model
+from bench.train import seed_everything
 from bench.trial import image_steps, pictures, run_tracked
 
 # bench.tracking silences this MLflow warning, but pytest resets warning filters for each test
@@ -164,8 +166,8 @@ def test_images_are_logged_at_the_slider_steps_and_open_as_png(study, model, dig
     run_id = trial.run.info.run_id
     keys = IMAGE_KEYS | ({"class_grid"} if MODELS.get(model).conditional else set())
     final = EPOCHS + 1  # the best model's pictures, after the last epoch
-    steps = sorted(image_steps(EPOCHS) | {final})
-    assert steps == [1, 2, 3]
+    steps = sorted(image_steps(EPOCHS) | {0, final})  # 0: before training, where the UI opens
+    assert steps == [0, 1, 2, 3]
     files = [IMAGE_FILE.fullmatch(a.path) for a in study.client.list_artifacts(run_id, "images")]
     assert all(files), "every file under images/ is named by MLflow's log_image(key=, step=)"
     pngs = {(f["key"], int(f["step"])): f.string for f in files if f["ext"] == "png"}
@@ -174,12 +176,16 @@ def test_images_are_logged_at_the_slider_steps_and_open_as_png(study, model, dig
     assert webps == set(pngs)  # MLflow's compressed copy for the UI
     local = Path(study.client.download_artifacts(run_id, "images", str(tmp_path)))
     best = pictures(trial.outcome.result.model, digits, seed=trial.cfg.seed)
+    seed_everything(trial.cfg.seed)
+    initial = pictures(create_model(trial.cfg, digits.image_shape, digits.num_classes), digits, seed=trial.cfg.seed)
     for (key, step), path in pngs.items():
         with Image.open(local / Path(path).name) as image:
             assert image.format == "PNG"
             pixels = np.asarray(image)
         if step == final:  # PNG is lossless: exactly the pictures of the returned (best) model
             np.testing.assert_array_equal(pixels, best[key], err_msg=key)
+        if step == 0:  # the very model training starts from
+            np.testing.assert_array_equal(pixels, initial[key], err_msg=key)
 
 
 def test_the_dataset_is_logged_as_an_input_per_split(study, digits):

@@ -23,8 +23,8 @@ from bench.config import RunConfig
 from bench.data import load_dataset
 from bench.errors import DivergedError
 from bench.evaluate import evaluate
-from bench.registry import MODELS
 from bench.models import create_model
+from bench.registry import MODELS
 from bench.train import seed_everything
 from bench.trial import image_steps, pictures, run_tracked
 

@@ -9,8 +9,8 @@ from scipy import stats
 
 from bench.registry import METRICS, Entry
 from bench.report.document import summary_table
-from bench.report.stats import (SAMPLE_QUALITY, facts, holm, loss_verdict, paired_differences,
-                                summarize)
+from bench.report.stats import (SAMPLE_QUALITY, cell_label, facts, holm, loss_verdict, paired_differences,
+                                study_objective, summarize)
 
 STRONG = [5.0, 5.2, 4.8]      # bce − mse per seed: mean 5, sd 0.2, p = 0.0005 (t test, 2 df)
 NOISE = [[0.5, -0.5, 0.1], [0.3, -0.2, -0.1], [1.0, -1.0, 0.2], [0.2, 0.1, -0.4]]
@@ -144,3 +144,20 @@ def test_a_conditional_models_numbers_are_marked_and_its_marginal_nll_is_not():
     header, table = summary_table(summary.reset_index(), ["model"], ("test/nll", "test/nll_marginal"))
     assert table == [["vae", "96.00 ± 1.00 (n=3)", "—"],
                      ["cvae", "91.00 ± 1.00 (n=3)‡", "97.00 ± 1.00 (n=3)"]]
+
+
+def test_a_cell_label_names_numbers_keeps_strings_and_falls_back_to_the_model():
+    frame = pd.DataFrame({"model": ["vae", "ae"], "latent": [2, 32], "lr": [1e-3, 0.5]})
+    assert list(cell_label(frame, ["model", "latent", "lr"])) == ["vae · latent=2 · lr=0.001",
+                                                                  "ae · latent=32 · lr=0.5"]
+    assert list(cell_label(frame, [])) == ["vae", "ae"]
+
+
+def test_the_study_objective_is_the_one_every_tagged_run_shares():
+    def runs(*pairs):
+        return pd.DataFrame({"objective_metric": [m for m, _ in pairs], "objective_direction": [d for _, d in pairs]})
+
+    tagged = ("val/elbo", "maximize")
+    assert study_objective(runs(tagged, ("", ""), tagged)) == tagged  # an untagged run is left out
+    assert study_objective(runs(tagged, ("val/bce", "minimize"))) == ("", "")  # no shared one
+    assert study_objective(runs(("", ""))) == ("", "")

@@ -68,6 +68,7 @@ def trial_runs(results: Path) -> list:
 
 
 def check(results: Path) -> list[str]:
+    from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     out = results / "ui"
@@ -88,7 +89,10 @@ def check(results: Path) -> list[str]:
             for run in trial_runs(results)[:RUNS]:
                 page.close()
                 page = browser.new_page(viewport={"width": 1400, "height": 1000})
-                failures += check_run(page, base, run, out)
+                try:
+                    failures += check_run(page, base, run, out)
+                except PlaywrightError as error:  # a page that never loads is a failed check
+                    failures.append(f"{run.data.tags['mlflow.runName']}: {str(error).splitlines()[0]}")
                 print(f"checked {run.data.tags['mlflow.runName']}: {len(failures)} failure(s) so far", flush=True)
             browser.close()
     finally:

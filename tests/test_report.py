@@ -302,7 +302,9 @@ def test_report_on_the_smoke_study(tmp_path, new_store, monkeypatch):
     out = write_report(outcome.experiment, results=tmp_path, tracking_uri=outcome.tracking_uri)
     for name in REPORT_FILES:
         assert (out / name).stat().st_size > 0, name
-    for name in FIGURES:
+    smoke_figures = ["test_metrics" if name == "metrics_vs_latent" else name for name in FIGURES]  # no latent axis
+    assert sorted(p.stem for p in (out / "figures").glob("*.png")) == sorted(smoke_figures)
+    for name in smoke_figures:
         image = Image.open(out / "figures" / f"{name}.png")
         assert image.width == 1400 and image.height >= 300, name
     client = tracking.connect(outcome.tracking_uri)

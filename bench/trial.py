@@ -58,10 +58,12 @@ def pictures(model, data, seed: int = 0) -> dict:
     return out
 
 
-def check_config(cfg: RunConfig, data) -> None:
-    """Fail on an impossible config before anything is written (builds the model on CPU)."""
+def check_config(cfg: RunConfig, data) -> torch.nn.Module:
+    """Fail on an impossible config before anything is written; returns the model it built on
+    CPU, seeded as `fit` seeds it, so it is the very model training starts from."""
     resolve_device(cfg.device)
-    create_model(cfg, data.image_shape, data.num_classes)
+    seed_everything(cfg.seed)
+    return create_model(cfg, data.image_shape, data.num_classes)
 
 
 class TrackedTrial:
@@ -74,7 +76,7 @@ class TrackedTrial:
     def __init__(self, cfg: RunConfig, data, *, client, exp_id: str, run_name: str, results: str | Path,
                  parent_run_id: str | None = None, tags: dict | None = None,
                  on_epoch: Callable | None = None, log_images: bool = True, resume_run_id: str | None = None):
-        check_config(cfg, data)
+        initial = check_config(cfg, data)
         self.cfg, self.data, self.client, self.results = cfg, data, client, Path(results)
         self.on_epoch, self.log_images = on_epoch, log_images
         run_tags = {"vaebench.dataset": data.name, "vaebench.binarize": data.binarize,
@@ -96,8 +98,6 @@ class TrackedTrial:
             else:
                 tracking.log_dataset(client, self.run_id, data)
                 if log_images:  # step 0: the model before training, where MLflow's image cards open
-                    seed_everything(cfg.seed)  # as `fit` starts, so this is the model it trains
-                    initial = create_model(cfg, data.image_shape, data.num_classes)
                     for key, image in pictures(initial, data, seed=cfg.seed).items():
                         tracking.log_image(client, self.run_id, key, image, step=0)
         except BaseException as e:

@@ -36,7 +36,7 @@ UNKNOWN = {"better": None, "unit": "", "likelihood": False, "given_label": False
 def facts(metric: str) -> dict:
     """{"better": "higher" | "lower" | None, "unit", "likelihood" (in nats of the run's own
     likelihood), "given_label" (a conditional model is given the label)} of "test/elbo" etc."""
-    name = metric.rsplit("/", 1)[-1]
+    name = metric.split("/")[-1]
     for meta in map(METRICS.meta, METRICS.names()):
         if name in meta.get("better", {}):
             unit = meta.get("unit", "")
@@ -67,32 +67,28 @@ def study_objective(runs: pd.DataFrame) -> tuple[str, str]:
 def grid_axes(runs: pd.DataFrame) -> list[str]:
     """The grid axes named in the cell keys ("model=vae,latent=2,seed=0"), seed excluded; runs
     without cell keys (trained outside a sweep) fall back to model, loss and latent."""
-    cells = [str(c) for c in runs.get("cell", pd.Series(dtype=str)).dropna() if "=" in str(c)]
+    cells = [str(c) for c in runs["cell"] if "=" in str(c)]
     if not cells:
         return [name for name in ("model", "loss", "latent") if name in runs]
-    names = (part.split("=", 1)[0] for cell in cells for part in cell.split(",") if "=" in part)
+    names = (part.split("=")[0] for cell in cells for part in cell.split(",") if "=" in part)
     return [name for name in dict.fromkeys(names) if name != "seed" and name in runs]
 
 
 def finished(runs: pd.DataFrame) -> pd.DataFrame:
     """The FINISHED runs; where a search ran several trials per cell and seed, the one with the
-    best objective (validation, never test) stands for it."""
+    best objective (validation, never test; in the direction every tagged run shares) stands for it."""
     done = runs[runs["state"] == "FINISHED"]
     key = done["cell"].where(done["cell"] != "", done["run_id"])
     if not key.duplicated().any():
         return done
-    ascending = done["objective_direction"].iloc[0] != "maximize"
-    ordered = done.assign(_key=key).sort_values("objective", ascending=ascending, na_position="last")
+    ascending = set(done["objective_direction"]) - {""} != {"maximize"}
+    ordered = done.assign(_key=key).sort_values("objective", ascending=ascending)  # NaN last
     return ordered.drop_duplicates("_key").drop(columns="_key").sort_index()
 
 
 def groups(frame: pd.DataFrame, by: list[str]):
-    """(key tuple, rows) per value of `by` in order of appearance; everything when `by` is empty."""
-    if not by:
-        yield (), frame
-        return
-    for keys, rows in frame.groupby(by, sort=False):
-        yield (keys if isinstance(keys, tuple) else (keys,)), rows
+    """(key tuple, rows) per value of the columns `by` in order of appearance; everything when `by` is empty."""
+    return frame.groupby(by, sort=False) if by else [((), frame)]
 
 
 def cell_label(frame: pd.DataFrame, axes: list[str]) -> pd.Series:
@@ -107,20 +103,20 @@ def summarize(runs: pd.DataFrame, metrics=SUMMARY_METRICS, by: list[str] | None 
     loss-agnostic; `conditional`: computed given the true label (a CVAE's log p(x|y))."""
     by = grid_axes(runs) if by is None else by
     objective, direction = study_objective(runs)
-    metrics = [m for m in metrics if m != "objective" or objective]
+    metrics = [m for m in metrics if m in runs and (m != "objective" or objective)]
     rows = []
     for keys, group in groups(finished(runs), by):
         proper = bool(group["proper_density"].eq(True).all())
         conditional = bool(group["model"].map(conditional_model).all())
         for metric in metrics:
-            values = group[metric].dropna() if metric in group else pd.Series(dtype=float)
+            values = group[metric].dropna()
             if values.empty:
                 continue
             fact, n = facts(objective if metric == "objective" else metric), len(values)
             if metric == "objective":
                 fact["better"] = "higher" if direction == "maximize" else "lower"
             rows.append({**dict(zip(by, keys)), "metric": metric, "mean": float(values.mean()),
-                         "std": float(values.std(ddof=1)) if n > 1 else np.nan, "n": n,
+                         "std": float(values.std(ddof=1)), "n": n,
                          "better": fact["better"] or "", "proper_density": proper,
                          "comparable": proper or not fact["likelihood"],
                          "conditional": conditional and fact["given_label"], "flag": "n<3" if n < MIN_SEEDS else ""})
@@ -143,16 +139,16 @@ def paired_p(values: np.ndarray) -> float:
     if len(values) < 2:
         return np.nan
     if np.ptp(values) == 0:
-        return 0.0 if values[0] != 0 else 1.0
+        return float(not values.any())
     return float(stats.ttest_1samp(values, 0.0).pvalue)
 
 
 def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values; NaN entries are not in the family."""
-    p = np.asarray(p, dtype=float)
+    """Holm-Bonferroni adjusted p-values of a float array; NaN entries are not in the family.
+    Tied p-values get the same adjusted value whichever of them sorts first."""
     out = np.full(len(p), np.nan)
     tested = np.flatnonzero(~np.isnan(p))
-    order = tested[np.argsort(p[tested], kind="stable")]
+    order = tested[np.argsort(p[tested])]
     m = len(order)
     out[order] = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
     return out
@@ -177,20 +173,19 @@ def paired_differences(runs: pd.DataFrame, between: str = "loss", pair: tuple | 
     for keys, group in groups(a.merge(b, on=[*by, "seed"], suffixes=("_a", "_b")), by):
         for metric in metrics:
             ab = [f"{metric}_a", f"{metric}_b"]
-            if ab[0] not in group or group[ab].dropna().empty:
+            if metric not in done or group[ab].dropna().empty:
                 continue  # not measured for this model (an ae has no ELBO)
             both = group["proper_density_a"].eq(True) & group["proper_density_b"].eq(True)
             pairs = (group[both] if facts(metric)["likelihood"] else group)[ab].dropna()
-            diff = (pairs[ab[0]] - pairs[ab[1]]).to_numpy(dtype=float)
+            diff = (pairs[ab[0]] - pairs[ab[1]]).to_numpy()
             mean, low, high = mean_interval(diff)
             rows.append({**dict(zip(by, keys)), "metric": metric, "a": pair[0], "b": pair[1],
-                         "mean_a": float(pairs[ab[0]].mean()) if len(pairs) else np.nan,
-                         "mean_b": float(pairs[ab[1]].mean()) if len(pairs) else np.nan,
+                         "mean_a": float(pairs[ab[0]].mean()), "mean_b": float(pairs[ab[1]].mean()),
                          "difference": mean, "ci_low": low, "ci_high": high, "n": len(diff),
                          "p": paired_p(diff) if better(metric) else np.nan})
     paired = pd.DataFrame(rows, columns=columns)
-    for _, family in paired.groupby("metric", sort=False):
-        paired.loc[family.index, "p_holm"] = holm(family["p"].to_numpy(dtype=float))
+    for _, family in paired.groupby("metric"):
+        paired.loc[family.index, "p_holm"] = holm(family["p"].to_numpy())
     paired["verdict"] = [_verdict(r) for r in paired.itertuples()]
     return paired
 
@@ -211,7 +206,7 @@ def loss_verdict(paired: pd.DataFrame) -> str:
     """What the paired tests say about the seed's conclusion, by one rule over the wins per
     yardstick after Holm's correction: wins for one loss only -> that loss; wins for both -> split;
     no win -> not settled."""
-    present = [m for m in YARDSTICKS if m in set(paired["metric"])] if not paired.empty else []
+    present = [m for m in YARDSTICKS if m in set(paired["metric"])]
     if not present:
         return (f"The seed concluded \"{SEED_CONCLUSION}\" from samples viewed by eye; this study "
                 "has no bce/mse pair on the same cells and seeds, so it cannot check that.")
@@ -227,8 +222,7 @@ def loss_verdict(paired: pd.DataFrame) -> str:
                      f"of {len(group)} cell{'s' if len(group) != 1 else ''}, "
                      f"{int((group['verdict'] == 'no clear difference').sum())} undecided"
                      + (f", {untested} with fewer than 2 seeds (no test)" if untested else ""))
-    mse = "mse" if "mse" in (a, b) else b  # the loss the seed preferred
-    other = a if mse == b else b
+    mse, other = (a, b) if a == "mse" else (b, a)  # the loss the seed preferred (b unless a is mse)
     if wins[a] and wins[b]:
         verdict = (f"the measured numbers are split: {a} wins cells on {', '.join(wins[a])} and "
                    f"{b} on {', '.join(wins[b])}, so neither loss is better on every yardstick")

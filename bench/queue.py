@@ -45,9 +45,9 @@ def open_storage(url: str):
     locations.check_driver(url, "Optuna storage")
     kwargs = {"engine_kwargs": {"pool_pre_ping": True}}
     if locations.sqlite_path(url) is not None:
-        locations.ensure_parent(url)
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
+        locations.ensure_parent(url)
         storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

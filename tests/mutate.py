@@ -27,7 +27,7 @@ TARGETS = {
     "bench/models/ae.py": ["tests/test_models.py"],
     "bench/models/cvae.py": ["tests/test_models.py"],
     "bench/report/stats.py": ["tests/test_report_stats.py", "tests/test_report.py"],
-    "bench/queue.py": ["tests/test_sweep.py", "tests/test_bad_input.py"],
+    "bench/queue.py": ["tests/test_queue.py"],
 }
 
 

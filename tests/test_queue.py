@@ -1,7 +1,9 @@
-"""Claiming queued trials under contention: real worker processes race for the WAITING trials of
-one real sqlite store, and every trial is claimed exactly once. (pysqlite opens a transaction
-only at its first write, so without BEGIN IMMEDIATE two workers both read WAITING and both
-claim: measured 14-16 doubled claims of 200 with 4 processes.)"""
+"""The study's queue on real Optuna storages (sqlite, and a journal file where storages have no
+heartbeats): which trials a study holds and queues, how a changed spec is refused, how a dead
+worker's trial is failed, and how workers claim queued trials, each exactly once even when real
+processes race for them. (pysqlite opens a transaction only at its first write, so without
+BEGIN IMMEDIATE two workers both read WAITING and both claim: measured 14-21 doubled claims of
+200 with 4 processes.)"""
 
 import json
 import subprocess
@@ -11,10 +13,134 @@ import time
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from bench import queue
+from bench.errors import StudyError
+from bench.spec import parse_spec
 
-pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")]
+pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
+
+
+def spec(trials_per_cell=None, **fixed):
+    """A two-cell grid (latent 2 and 4), or a search of `trials_per_cell` trials per cell."""
+    data = {"study": {"name": "queue", "dataset": "digits", "epochs": 1, "objective": "val/bce"},
+            "grid": {"latent": [2, 4]}, "fixed": {"eval_k": 5, **fixed}}
+    if trials_per_cell:
+        data["search"] = {"n_trials": trials_per_cell, "params": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}
+    return parse_spec(data)
+
+
+@pytest.fixture
+def study(tmp_path, new_store):
+    new_store(tmp_path)
+    storage = queue.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    return optuna.create_study(study_name="queue", storage=storage)
+
+
+def by_state(study):
+    return sorted((t.user_attrs[queue.CELL], t.user_attrs[queue.SLOT], t.user_attrs[queue.ATTEMPT], t.state.name)
+                  for t in study.get_trials())
+
+
+def test_a_study_queues_each_missing_cell_and_slot_once_and_counts_the_done(study):
+    grid = spec()
+    assert queue.slots(grid) == [("latent=2,seed=0", 0, {"latent": 2, "seed": 0}),
+                                 ("latent=4,seed=0", 0, {"latent": 4, "seed": 0})]
+    assert queue.queue_missing(grid, study) == (2, 0)
+    assert queue.queue_missing(grid, study) == (0, 0)  # waiting trials are not queued twice
+    first = queue.take_queued(study)
+    assert queue.queue_missing(grid, study) == (0, 0)  # nor running ones
+    study.tell(first, 1.0)
+    assert queue.queue_missing(grid, study) == (0, 1)
+    assert by_state(study) == [("latent=2,seed=0", 0, 1, "COMPLETE"), ("latent=4,seed=0", 0, 1, "WAITING")]
+
+
+def test_a_failed_slot_is_queued_again_as_its_next_attempt_and_a_pruned_one_is_done(study):
+    search = spec(trials_per_cell=2)
+    assert [s[:2] for s in queue.slots(search)] == [("latent=2,seed=0", 0), ("latent=2,seed=0", 1),
+                                                        ("latent=4,seed=0", 0), ("latent=4,seed=0", 1)]
+    queue.queue_missing(search, study)
+    study.tell(queue.take_queued(study), state=TrialState.FAIL)
+    study.tell(queue.take_queued(study), state=TrialState.PRUNED)
+    assert queue.queue_missing(search, study) == (1, 1)
+    assert by_state(study) == [("latent=2,seed=0", 0, 1, "FAIL"), ("latent=2,seed=0", 0, 2, "WAITING"), ("latent=2,seed=0", 1, 1, "PRUNED"),
+                               ("latent=4,seed=0", 0, 1, "WAITING"), ("latent=4,seed=0", 1, 1, "WAITING")]
+
+
+def test_a_done_cell_under_other_values_is_refused_by_name_and_a_failed_one_is_not(study):
+    queue.queue_missing(spec(), study)
+    study.tell(queue.take_queued(study), 1.0)  # latent=2 done with beta 1
+    with pytest.raises(StudyError, match=r"already holds cell latent=2,seed=0 trained with other values \(beta: 1\.0 -> 0\.5\)"):
+        queue.queue_missing(spec(beta=0.5), study)
+    other = optuna.create_study(study_name="other", storage=study._storage)
+    queue.queue_missing(spec(), other)
+    with pytest.raises(StudyError, match="already holds cell latent=2,seed=0"):
+        queue.queue_missing(spec(beta=0.5), other)  # a trial waiting under other values is refused too
+    for _ in range(2):
+        other.tell(queue.take_queued(other), state=TrialState.FAIL)  # failed: no result to contradict
+    assert queue.queue_missing(spec(beta=0.5), other) == (2, 0)
+
+
+def test_identity_changes_name_each_field_and_count_a_new_field_as_its_default():
+    old = queue.identity(spec(), spec().cells()[0])
+    assert queue.identity_changes(old, old) == []
+    assert queue.identity_changes(old, queue.identity(spec(beta=0.5), spec().cells()[0])) == ["beta: 1.0 -> 0.5"]
+    without_beta = {**old, "config": {k: v for k, v in old["config"].items() if k != "beta"}}
+    assert queue.identity_changes(without_beta, old) == []  # beta added to RunConfig since: its default
+    assert queue.identity_changes({**old, "objective": "val/elbo"}, old) == ["objective: 'val/elbo' -> 'val/bce'"]
+    searched = queue.identity(spec(trials_per_cell=2), spec().cells()[0])
+    assert [c.split(":")[0] for c in queue.identity_changes(old, searched)] == ["search"]
+
+
+def test_a_worker_claims_only_what_it_accepts_and_nothing_once_the_queue_is_empty(study):
+    queue.queue_missing(spec(), study)
+    latent_4 = queue.take_queued(study, accept=lambda frozen: frozen.user_attrs[queue.CELL] == "latent=4,seed=0")
+    assert study.trials[latent_4.number].user_attrs[queue.CELL] == "latent=4,seed=0"
+    assert queue.take_queued(study, accept=lambda frozen: False) is None
+    assert study.trials[queue.take_queued(study).number].user_attrs[queue.CELL] == "latent=2,seed=0"
+    assert queue.take_queued(study) is None
+    assert [t.state for t in study.get_trials()] == [TrialState.RUNNING] * 2
+
+
+def test_a_silent_running_trial_is_failed_after_the_grace_period_and_a_beating_one_is_not(tmp_path, new_store,
+                                                                                        monkeypatch):
+    monkeypatch.setattr(queue, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(queue, "GRACE_S", 2)
+    new_store(tmp_path)
+    storage = queue.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="queue", storage=storage)
+    queue.queue_missing(spec(), study)
+    silent, beating = queue.take_queued(study), queue.take_queued(study)
+    storage.record_heartbeat(silent._trial_id)
+    with queue.Heartbeat(storage, beating):
+        assert queue.fail_stale(study, storage) == 0  # both beat within the grace period
+        time.sleep(3)
+        assert queue.fail_stale(study, storage) == 1
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_without_native_heartbeats_the_wall_clock_beat_decides(tmp_path, monkeypatch):
+    monkeypatch.setattr(queue, "HEARTBEAT_S", 1)
+    monkeypatch.setattr(queue, "GRACE_S", 2)
+    storage = queue.open_storage(f"journal:{tmp_path / 'journal' / 'optuna.log'}")  # its folder is created
+    study = optuna.create_study(study_name="queue", storage=storage)
+    queue.queue_missing(spec(), study)
+    silent, beating = queue.take_queued(study), queue.take_queued(study)
+    storage.set_trial_system_attr(silent._trial_id, queue.BEAT, time.time() - 10)
+    with queue.Heartbeat(storage, beating):
+        time.sleep(3)  # the beating trial's start is older than the grace period, its beat is not
+        assert queue.fail_stale(study, storage) == 1
+        assert queue.fail_stale(study, storage) == 0  # a failed trial is not failed twice
+    assert time.time() - study.trials[beating.number].system_attrs[queue.BEAT] < 2
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_a_storage_that_cannot_be_opened_is_one_line_naming_the_fix(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StudyError, match=r"^cannot open Optuna storage sqlite:///.*; check that .*file is a writable "
+                                         r"directory \(--results\)$"):
+        queue.open_storage(f"sqlite:///{tmp_path / 'file' / 'optuna.db'}")
 
 CLAIMER = textwrap.dedent("""
     import json, os, sys, time
@@ -32,6 +158,7 @@ CLAIMER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_four_processes_claim_each_queued_trial_of_a_sqlite_store_exactly_once(tmp_path):
     url, n = f"sqlite:///{tmp_path / 'optuna.db'}", 200
     study = optuna.create_study(study_name="race", storage=queue.open_storage(url))

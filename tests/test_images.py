@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from bench.images import (class_grid, interpolation_grid, latent_scatter, make_grid,
-                          project_2d, reconstruction_grid, samples_grid, save_png, to_png_bytes)
+from bench.images import (MARGIN, PLOT, TAB10, class_grid, draw_scatter, interpolation_grid, latent_scatter,
+                          make_grid, project_2d, reconstruction_grid, samples_grid, save_png, to_png_bytes)
 
 
 class TinyVAE(torch.nn.Module):
@@ -155,6 +155,25 @@ def test_latent_scatter_renders_an_rgb_figure_for_any_latent_size(digits, latent
     assert len(np.unique(picture.reshape(-1, 3), axis=0)) > 10  # points, legend, title drawn
     if latent == 1:  # the jitter is seeded
         assert (picture == latent_scatter(TinyVAE(latent=latent), x, y, seed=0)).all()
+
+
+def test_a_scatter_point_lands_where_its_coordinates_say_in_its_labels_colour():
+    # corners of the data's range map to the frame's inner corners: (left + margin, bottom - margin) etc.
+    points = np.array([[-1.0, 10.0], [3.0, 30.0], [1.0, 20.0], [np.nan, 0.0]])
+    picture = draw_scatter(points, np.array([0, 1, 2, 3]), "three points")
+    left, top, right, bottom = PLOT
+    assert tuple(picture[bottom - MARGIN, left + MARGIN]) == TAB10[0]   # (-1, 10): lowest x and y
+    assert tuple(picture[top + MARGIN, right - MARGIN]) == TAB10[1]     # (3, 30): highest
+    assert tuple(picture[(top + bottom) // 2, (left + right) // 2]) == TAB10[2]  # (1, 20): the middle
+    assert not (picture[top + 1:bottom, left + 1:right] == TAB10[3]).all(axis=-1).any()  # NaN: not drawn
+    assert tuple(picture[bottom, (left + right) // 2]) == (0, 0, 0)  # the frame
+
+
+def test_a_scatter_of_no_finite_point_is_still_a_picture():
+    picture = draw_scatter(np.full((5, 2), np.nan), np.zeros(5, dtype=int), "diverged")
+    assert picture.shape == (400, 500, 3)
+    inside = picture[PLOT[1] + 1:PLOT[3], PLOT[0] + 1:PLOT[2]]
+    assert (inside == 255).all()  # nothing drawn, and no exception
 
 
 def test_project_2d_names_the_projection_and_pca_keeps_a_planes_distances():

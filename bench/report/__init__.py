@@ -19,10 +19,10 @@ from pathlib import Path
 import pandas as pd
 
 from bench import locations, tracking
-from bench.report.document import (best_trials_table, differences_table, latex_table, other_trials_table,
+from bench.report.document import (best_trials_table, caption, differences_table, latex_table, other_trials_table,
                                    render, summary_table)
 from bench.report.figures import (DPI, Context, figure_curves, figure_heatmap, figure_metrics,
-                                  figure_rate_distortion, figure_seconds, figure_seed, search_figures)
+                                  figure_rate_distortion, figure_seconds, figure_seed, search_figures, varies)
 from bench.report.runs import (ReportError, latest_experiment, load_curves, load_runs, open_store,
                                optuna_study, run_images, study_tags)
 from bench.report.stats import (CONFIDENCE, HEADLINE, MIN_SEEDS, cell_label, finished, grid_axes,
@@ -63,15 +63,10 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
     (out / "figures").mkdir(parents=True, exist_ok=True)
     axes, done, context = grid_axes(runs), finished(runs), Context.of(runs)
     summary, paired = summarize(runs), paired_differences(runs)
-    runs.to_csv(out / "runs.csv", index=False)
-    summary.to_csv(out / "summary.csv", index=False)
-    paired.to_csv(out / "differences.csv", index=False)
-    caption = (f"Study {experiment}: test metrics per cell, mean ± sd (n seeds) on {context.dataset} "
-               f"(binarize {context.binarize}), {context.epochs} epochs. * fewer than {MIN_SEEDS} "
-               "seeds; † nats of a likelihood that is not a density on this data (not comparable "
-               "across losses); ‡ conditional on the true label (log p(x|y)).")
+    for name, frame in (("runs", runs), ("summary", summary), ("differences", paired)):
+        frame.to_csv(out / f"{name}.csv", index=False)
     (out / "table.tex").write_text(latex_table(*summary_table(summary, axes, SUMMARY_COLUMNS, latex=True),
-                                               caption, f"tab:{safe_name}"))
+                                               caption("table", experiment=experiment, c=context), f"tab:{safe_name}"))
     study, spec = optuna_study(storage or locations.default_storage(results), experiment)
     drawers = {"metrics_vs_latent": lambda: figure_metrics(runs), "test_metrics": lambda: figure_metrics(runs),
                "learning_curves": lambda: figure_curves(done, load_curves(uri, done)),
@@ -107,7 +102,7 @@ def _figures(axes: list[str], done: pd.DataFrame, compares: bool) -> dict:
     per cell; the heatmap only over loss or latent; the pictures only where bce meets mse."""
     if not axes:
         return {}
-    drop = {"test_metrics" if "latent" in axes and done["latent"].nunique() > 1 else "metrics_vs_latent"}
+    drop = {"test_metrics" if varies(done, axes) else "metrics_vs_latent"}
     if not {"loss", "latent"} & set(axes):
         drop.add("objective_heatmap")
     if not compares:

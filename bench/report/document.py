@@ -1,5 +1,6 @@
 """The report as text: tables of the statistics (markdown, LaTeX) and the document rendered from
-bench/templates/ (`report.j2` holds the words once; `md.j2` and `html.j2` write each block).
+bench/templates/ (`report.j2` holds the words once; `md.j2` and `html.j2` write each block;
+`captions.j2` the figures' and the LaTeX table's captions).
 Marks: * fewer than MIN_SEEDS seeds, † nats of a likelihood that is not a density on the data,
 ‡ a conditional model's number given the true label (log p(x|y))."""
 
@@ -12,7 +13,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from bench.report.stats import CONFIDENCE, MIN_SEEDS, groups
+from bench.report.stats import CONFIDENCE, MIN_SEEDS, better_text, groups
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
@@ -59,19 +60,16 @@ def summary_table(summary: pd.DataFrame, axes: list[str], metrics, latex: bool =
     present = [m for m in metrics if m in set(summary["metric"])]
     ways = summary.drop_duplicates("metric").set_index("metric")["better"]
     header = [*axes, *(f"{m} ({ways[m] + ' is better' if ways[m] else 'neither way is better'})" for m in present)]
-    rows = []
-    for keys, group in groups(summary, axes):
-        by_metric = group.set_index("metric")
-        cells = []
-        for m in present:
-            if m not in by_metric.index:
-                cells.append("--" if latex else "—")
-                continue
-            r, digits = by_metric.loc[m], 1 if m in ("test/active_units", "trial_seconds") else 2
-            marks = ("" if r["comparable"] else "†") + ("‡" if r["conditional"] else "")
-            cells.append(format_stat(r["mean"], r["std"], int(r["n"]), digits, latex, marks))
-        rows.append([*map(str, keys), *cells])
-    return header, rows
+
+    def cell(by_metric: pd.DataFrame, m: str) -> str:
+        if m not in by_metric.index:
+            return "--" if latex else "—"
+        r, digits = by_metric.loc[m], 1 if m in ("test/active_units", "trial_seconds") else 2
+        marks = ("" if r["comparable"] else "†") + ("‡" if r["conditional"] else "")
+        return format_stat(r["mean"], r["std"], int(r["n"]), digits, latex, marks)
+
+    return header, [[*map(str, keys), *(cell(group.set_index("metric"), m) for m in present)]
+                    for keys, group in groups(summary, axes)]
 
 
 def differences_table(paired: pd.DataFrame):
@@ -113,8 +111,14 @@ def _inline(text) -> str:
 ENVIRONMENT = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).resolve().parents[1] / "templates"),
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True,
                                  keep_trailing_newline=True)
-ENVIRONMENT.filters.update(inline=_inline, oneline=lambda text: " ".join(str(text).split()))
-ENVIRONMENT.globals.update(markdown_table=markdown_table)
+ENVIRONMENT.filters.update(inline=_inline, oneline=lambda text: " ".join(str(text).split()), better=better_text)
+ENVIRONMENT.globals.update(markdown_table=markdown_table, min_seeds=MIN_SEEDS)
+
+
+def caption(name: str, **values) -> str:
+    """Macro `name` of captions.j2 on `values`, as one line: the template breaks its sentences
+    across lines, so every run of whitespace is one space."""
+    return " ".join(str(getattr(ENVIRONMENT.get_template("captions.j2").module, name)(**values)).split())
 
 
 def render(report: dict) -> tuple[str, str]:

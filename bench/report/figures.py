@@ -1,6 +1,7 @@
 """Figures of a study: each a function of the runs returning (Figure, caption), or None when
 there is nothing to draw; 1400 px wide, drawn headless. Every caption names the data, budget,
-seeds and n behind the picture, with † and ‡ where they apply. A search's figures are Optuna's."""
+seeds and n behind the picture, with † and ‡ where they apply; the words are in
+bench/templates/captions.j2, one macro per figure. A search's figures are Optuna's."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from bench.report.document import caption  # noqa: E402
 from bench.report.stats import (HEADLINE, MIN_SEEDS, better_text, cell_label,  # noqa: E402
                                 conditional_model, facts, finished, grid_axes, study_objective)
 
@@ -27,9 +29,7 @@ WIDTH_IN = 14.0  # every figure is 1400 px wide
 LINESTYLES = ["-", "--", ":", "-."]
 DASHES = ["", (4, 2), (1, 2), (4, 1, 1, 1)]  # the same four styles as seaborn dash patterns
 MARKERS = ["o", "s", "^", "D", "v", "P"]
-CONDITIONAL_NOTE = ("‡ marks a conditional model (a CVAE): its numbers are computed given the true "
-                    "label (its ELBO and NLL are log p(x|y), not log p(x)), so they are not set "
-                    "beside the others' like with like; test/nll_marginal is its log p(x).")
+CONDITIONAL_NOTE = caption("conditional")
 
 
 @dataclass
@@ -53,10 +53,11 @@ class Context:
                    (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}") if epochs else "?",
                    [int(s) for s in values("seed")], *study_objective(runs))
 
-    def text(self, n: str) -> str:
-        seeds = ", ".join(map(str, self.seeds))
-        return (f"Dataset {self.dataset} (binarize {self.binarize}), {self.epochs} epochs, "
-                f"seed{'s' if len(self.seeds) != 1 else ''} {seeds}; {n}.")
+
+def varies(frame: pd.DataFrame, axes: list[str], axis: str = "latent") -> bool:
+    """Whether grid axis `axis` takes several values in `frame`: only then is it an x axis, a
+    facet or named in a caption; one value is part of the cell label like any other."""
+    return axis in axes and frame[axis].nunique() > 1
 
 
 def _figure(height_in: float) -> Figure:
@@ -73,12 +74,18 @@ def _panels(count: int, row_height_in: float, columns: int = 4):
     return fig, grid
 
 
-def _n_text(done: pd.DataFrame, by: list[str]) -> str:
+def _counts(done: pd.DataFrame, by: list[str]) -> tuple[int, int]:
+    """The fewest and most runs (seeds) behind one cell of `by`."""
     counts = done.groupby(by, sort=False).size() if by else pd.Series([len(done)])
-    low, high = int(counts.min()), int(counts.max())
-    n = f"n = {low}" if low == high else f"n = {low} to {high}"
-    return (n + (" seed per point" if high == 1 else " seeds per point")
-            + (f" (fewer than {MIN_SEEDS}: flagged)" if low < MIN_SEEDS else ""))
+    return int(counts.min()), int(counts.max())
+
+
+def _captioned(fig: Figure, title: str, name: str, done: pd.DataFrame, **values) -> tuple[Figure, str]:
+    """`fig` with its title (formatted with `c`, the Context of `done`, the runs drawn) and the
+    caption `name` of captions.j2 on the same `c` and `values`."""
+    context = Context.of(done)
+    fig.suptitle(title.format(c=context), fontsize=12)
+    return fig, caption(name, c=context, **values)
 
 
 def _labels(frame: pd.DataFrame, axes: list[str], metrics) -> pd.Series:
@@ -89,8 +96,8 @@ def _labels(frame: pd.DataFrame, axes: list[str], metrics) -> pd.Series:
     return labels
 
 
-def _note(labels) -> str:
-    return " " + CONDITIONAL_NOTE if any(str(label).endswith("‡") for label in labels) else ""
+def _marked(labels) -> bool:
+    return any(str(label).endswith("‡") for label in labels)
 
 
 def _palette(labels) -> dict:
@@ -122,12 +129,11 @@ def _proper(p: pd.Series) -> bool:
 def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> tuple[Figure, str] | None:
     """Each metric against `x` (log2 axis, else side by side) per series, mean ± 1 sd over seeds;
     hollow, dotted where a likelihood is not a density on the data."""
-    done = finished(runs)
+    done, axes = finished(runs), grid_axes(runs)
     panels = [m for m in metrics if m in done and done[m].notna().any()]
     if not panels:
         return None
-    axes = grid_axes(runs)
-    numeric = x in axes and done[x].nunique() > 1
+    numeric = varies(done, axes, x)
     done = done.assign(_series=_labels(done, [a for a in axes if a != x] if numeric else axes, panels),
                        _x=done[x] if numeric else 0)
     colors, styles = _styles(done, done["_series"])
@@ -165,21 +171,9 @@ def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> t
         hollow = Line2D([], [], color="grey", marker="o", markerfacecolor="white", linestyle=":",
                         label="hollow: not a density on this data")
         _legend(fig, _handles(colors, styles, series, markers=True) + ([hollow] if improper_seen else []))
-    context = Context.of(done)
-    fig.suptitle(f"Test metrics — {context.dataset} ({context.binarize}), {context.epochs} epochs",
-                 fontsize=12)
-    notes = []
-    if {"test/mse", "test/bce"} & set(panels):
-        notes.append("test/mse and test/bce are measured the same way whatever loss trained the "
-                     "model: one yardstick for every loss.")
-    if any(facts(m)["likelihood"] for m in panels):
-        notes.append("test/elbo and test/nll are nats under each run's own likelihood, comparable "
-                     "across losses only where it is a density on the data"
-                     + (" (hollow markers and dotted lines mark where it is not)." if improper_seen else "."))
-    caption = (f"Test metrics of the best epoch against {x if numeric else 'cell'}, mean ± 1 sd "
-               f"over seeds. " + "; ".join(f"{m}: {better_text(m)}" for m in panels) + ". "
-               + " ".join(notes) + _note(series) + " " + context.text(_n_text(done, axes)))
-    return fig, caption
+    return _captioned(fig, "Test metrics — {c.dataset} ({c.binarize}), {c.epochs} epochs", "metrics", done,
+                      n=_counts(done, axes), x=x if numeric else "cell", panels=panels, hollow=improper_seen,
+                      likelihood=any(facts(m)["likelihood"] for m in panels), marked=_marked(series))
 
 
 def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str] | None:
@@ -187,7 +181,7 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str
     if curves.empty:
         return None
     axes = grid_axes(runs)
-    facet = "latent" in axes and runs["latent"].nunique() > 1
+    facet = varies(runs, axes)
     metrics = [m for m in ("val/elbo", "val/bce") if m in set(curves["metric"])]
     labels = _labels(runs, [a for a in axes if not (facet and a == "latent")], metrics)
     colors, styles = _styles(runs, labels)
@@ -213,24 +207,16 @@ def figure_curves(runs: pd.DataFrame, curves: pd.DataFrame) -> tuple[Figure, str
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         shown = [name for name in colors if name in set(data["series"])]
         _legend(fig, _handles(colors, styles, shown))
-    context = Context.of(runs)
-    fig.suptitle(f"Learning curves — {context.dataset} ({context.binarize})", fontsize=12)
     per_line = data.groupby(["series", "facet"])["run_id"].nunique()
-    n = f"{per_line.min()}" if per_line.min() == per_line.max() else f"{per_line.min()} to {per_line.max()}"
-    caption = ("Validation metrics per epoch: the line is the mean over seeds, the band ±1 sd "
-               "(no band where a cell has one seed). "
-               + "; ".join(f"{m}: {better_text(m)}" for m in metrics) + ". val/elbo is in nats of "
-               "each run's own likelihood; val/bce is the same yardstick for every loss."
-               + _note(shown) + " " + context.text(f"n = {n} runs per line"))
-    return fig, caption
+    return _captioned(fig, "Learning curves — {c.dataset} ({c.binarize})", "curves", runs,
+                      n=(int(per_line.min()), int(per_line.max())), metrics=metrics, marked=_marked(shown))
 
 
 def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     """The study's objective over latent × loss, one heatmap per model (one colour scale)."""
-    done = finished(runs)
+    done, axes = finished(runs), grid_axes(runs)
     if not study_objective(runs)[0] or done["objective"].notna().sum() == 0:
         return None
-    axes = grid_axes(runs)
     context = Context.of(done)
     done = done.assign(_facet=_labels(done, [a for a in axes if a not in ("loss", "latent")],
                                       [context.objective]))
@@ -252,24 +238,16 @@ def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
                         cbar=i == len(facets) - 1, linewidths=0.5, annot_kws={"fontsize": 9},
                         cbar_kws={"label": f"{context.objective} ({better_text(context.objective)})"})
             ax.set_title(name, fontsize=11)
-    fig.suptitle(f"Objective {context.objective} ({context.direction}) — {context.dataset}", fontsize=12)
-    caption = (f"The study's objective {context.objective} at the epoch validation chose, mean over "
-               f"seeds per cell ({better_text(context.objective)}; brighter is better), one colour "
-               "scale for all panels. * marks fewer than 3 seeds"
-               + ("; † marks cells whose likelihood is not a density on this data, whose nats are "
-                  "not comparable with the other losses'" if nats else
-                  f"; {context.objective} is loss-agnostic, so every cell is comparable")
-               + "." + _note(facets) + " " + context.text(_n_text(done, axes)))
-    return fig, caption
+    return _captioned(fig, "Objective {c.objective} ({c.direction}) — {c.dataset}", "heatmap", done,
+                      n=_counts(done, axes), nats=nats, marked=_marked(facets))
 
 
 def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     """KL(q(z|x) || p(z)) against -log p(x|z) per run, one panel per loss (its own nats)."""
-    done = finished(runs)
+    done, axes = finished(runs), grid_axes(runs)
     if "test/kl" not in done or done["test/kl"].notna().sum() == 0:
         return None
     done = done[done["test/kl"].notna() & done["test/recon"].notna()]
-    axes = grid_axes(runs)
     done = done.assign(_series=_labels(done, [a for a in axes if a not in ("loss", "latent")],
                                        ["test/kl", "test/recon"]))
     colors = _palette(done["_series"])
@@ -281,10 +259,9 @@ def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
             sns.scatterplot(part, x="test/kl", y="test/recon", hue="_series", palette=colors,
                             ax=ax, legend=False, s=30, alpha=0.7)
             for name, rows in part.groupby("_series", sort=False):
-                by = "latent" if "latent" in rows else "_series"
-                means = rows.groupby(by)[["test/kl", "test/recon"]].mean().sort_index()
+                means = rows.groupby("latent")[["test/kl", "test/recon"]].mean().sort_index()
                 ax.plot(means["test/kl"], means["test/recon"], color=colors[name], linewidth=1.2)
-                for latent, point in means.iterrows() if by == "latent" else ():
+                for latent, point in means.iterrows():
                     ax.annotate(f"z={latent}", (point["test/kl"], point["test/recon"]),
                                 fontsize=8, xytext=(4, 4), textcoords="offset points")
             proper = _proper(part["proper_density"])
@@ -292,26 +269,16 @@ def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
             ax.set_xlabel("rate: test/kl (nats)")
             ax.set_ylabel(f"distortion: test/recon (nats under {loss})")
         _legend(fig, [Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items()], ncol=6)
-    context = Context.of(done)
-    fig.suptitle(f"Rate vs distortion — {context.dataset} ({context.binarize})", fontsize=12)
-    skipped = sorted(set(finished(runs)["model"]) - set(done["model"]))
-    caption = ("Rate (KL from the encoder to the prior) against distortion (−log p(x|z)) on the "
-               "test set, one point per run"
-               + (" and lines through the cell means by latent size (z). " if "latent" in axes else ". ")
-               + "Lower-left is better; the negative ELBO is their sum, so lines of slope −1 are "
-               "lines of equal ELBO. Distortion is in each loss's own nats, so panels are not "
-               "compared with each other." + (f" Not shown (no KL, not variational): {', '.join(skipped)}."
-                                              if skipped else "")
-               + _note(colors) + " " + context.text(_n_text(done, axes)))
-    return fig, caption
+    return _captioned(fig, "Rate vs distortion — {c.dataset} ({c.binarize})", "rate_distortion", done,
+                      n=_counts(done, axes), lines=varies(done, axes), marked=_marked(colors),
+                      skipped=sorted(set(finished(runs)["model"]) - set(done["model"])))
 
 
 def figure_seconds(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     """Wall-clock seconds per finished trial (training and evaluation), per cell."""
-    done = finished(runs)
+    done, axes = finished(runs), grid_axes(runs)
     if "trial_seconds" not in done or done["trial_seconds"].notna().sum() == 0:
         return None
-    axes = grid_axes(runs)
     done = done.assign(cell_=cell_label(done, axes))
     cells = list(dict.fromkeys(done["cell_"]))
     with sns.axes_style("whitegrid"):
@@ -322,14 +289,8 @@ def figure_seconds(runs: pd.DataFrame) -> tuple[Figure, str] | None:
         sns.stripplot(done, y="cell_", x="trial_seconds", order=cells, ax=ax, color="black", size=4)
         ax.set_xlabel("seconds per trial (lower is faster)")
         ax.set_ylabel("")
-    context = Context.of(done)
-    devices = ", ".join(sorted({d for d in done.get("hardware", pd.Series(dtype=str)) if d})) or "unknown"
-    fig.suptitle(f"Seconds per trial — {context.dataset}, {context.epochs} epochs", fontsize=12)
-    caption = ("Seconds per finished trial, training and evaluation (MLflow metric trial_seconds): "
-               "bar = mean, whisker = ±1 sd, dots = runs; lower is faster. Failed and pruned trials "
-               f"are not timed here (see the list below). Device: {devices}. "
-               + context.text(_n_text(done, axes)))
-    return fig, caption
+    return _captioned(fig, "Seconds per trial — {c.dataset}, {c.epochs} epochs", "seconds", done,
+                      n=_counts(done, axes), devices=sorted({d for d in done.get("hardware", ()) if d}))
 
 
 def figure_seed(runs: pd.DataFrame, images) -> tuple[Figure, str] | None:
@@ -371,17 +332,9 @@ def figure_seed(runs: pd.DataFrame, images) -> tuple[Figure, str] | None:
             numbers = ", ".join(f"{m} {run[m]:.2f}" for m in ("test/bce", "test/mse") if pd.notna(run.get(m)))
             ax.set_title(f"{group} · {loss} · latent {latent} · seed {seed}: {what}"
                          + (f"\n{numbers}" if key == "samples" and numbers else ""), fontsize=9)
-    context = Context.of(done)
-    what = (f"{' and '.join(losses)} side by side" if len(losses) > 1
-            else f"Samples and reconstructions ({losses[0]})")
-    fig.suptitle(f"{what} — {context.dataset} ({context.binarize}), {context.epochs} epochs", fontsize=12)
-    caption = (f"The seed's comparison done properly: for each model, the run trained with "
-               f"{' and with '.join(losses)} at the same latent size ({latent}) and seed ({seed}), "
-               "each showing mean images of prior samples and the same ten test images with their "
-               "reconstructions, taken from the images the run logged for its best epoch. The titles "
-               "give test/bce and test/mse, the loss-agnostic yardsticks (lower is better): judge "
-               "by eye, then by number. " + context.text("one run per panel"))
-    return fig, caption
+    what = f"{' and '.join(losses)} side by side" if len(losses) > 1 else f"Samples and reconstructions ({losses[0]})"
+    return _captioned(fig, what + " — {c.dataset} ({c.binarize}), {c.epochs} epochs", "seed", done,
+                      losses=losses, latent=latent, seed=seed)
 
 
 def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[Figure, str] | str]:
@@ -390,7 +343,7 @@ def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[
     from optuna.importance import FanovaImportanceEvaluator
     from optuna.visualization import matplotlib as plots
 
-    def draw(plot, height, caption, **kwargs):
+    def draw(name, plot, height, **kwargs):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -401,23 +354,12 @@ def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[
         fig.set_size_inches(WIDTH_IN, height)
         fig.set_dpi(DPI)
         plt.close(fig)  # drawn and saved like the others, not kept by pyplot
-        return fig, caption
+        return fig, caption(name, objective=objective, completed=completed)
 
-    name = f"{objective} ({better_text(objective)})"
-    done = sum(t.state.name == "COMPLETE" for t in study.trials)
-    return {"optimization_history": draw(plots.plot_optimization_history, 5,
-                                         f"The objective {name} of every completed trial in the order "
-                                         f"they ran, and the best so far ({done} completed trials).",
-                                         target_name=objective),
-            "intermediate_values": draw(plots.plot_intermediate_values, 5,
-                                        f"{objective} per epoch of every trial, as reported to the "
-                                        "pruner: a line that stops early is a pruned trial."),
-            "param_importances": draw(plots.plot_param_importances, 4,
-                                      "How much of the objective's variance each sampled parameter "
-                                      "explains (fANOVA over the completed trials, Optuna's "
-                                      "`optuna.importance`); with few trials, a rough guide.",
-                                      params=params, evaluator=FanovaImportanceEvaluator(seed=0)),
-            "objective_vs_params": draw(plots.plot_slice, 4.5,
-                                        f"The objective {name} of each completed trial against each "
-                                        "sampled parameter; colour is the trial number.",
-                                        params=params, target_name=objective)}
+    completed = sum(t.state.name == "COMPLETE" for t in study.trials)
+    return {name: draw(name, plot, height, **kwargs) for name, plot, height, kwargs in (
+        ("optimization_history", plots.plot_optimization_history, 5, {"target_name": objective}),
+        ("intermediate_values", plots.plot_intermediate_values, 5, {}),
+        ("param_importances", plots.plot_param_importances, 4,
+         {"params": params, "evaluator": FanovaImportanceEvaluator(seed=0)}),
+        ("objective_vs_params", plots.plot_slice, 4.5, {"params": params, "target_name": objective}))}

@@ -132,16 +132,14 @@ def load_curves(tracking_uri: str, runs: pd.DataFrame, metrics=CURVE_METRICS) ->
 
 def run_images(client, run_id: str, keys=("samples", "recon")) -> dict[str, np.ndarray]:
     """The logged image of each key at its highest step (the best model's final pictures)."""
-    newest: dict[str, tuple[int, str]] = {}
-    for item in client.list_artifacts(run_id, "images"):
-        found = IMAGE_FILE.match(item.path)
-        if found and found["key"] in keys:
-            step = int(found["step"])
-            if found["key"] not in newest or step > newest[found["key"]][0]:
-                newest[found["key"]] = (step, item.path)
+    found = [m for item in client.list_artifacts(run_id, "images")
+             if (m := IMAGE_FILE.match(item.path)) and m["key"] in keys]
+    newest: dict[str, str] = {}
+    for m in sorted(found, key=lambda m: int(m["step"]), reverse=True):  # stable: ties keep the listed order
+        newest.setdefault(m["key"], m.string)
     with tempfile.TemporaryDirectory() as tmp:
         return {key: np.asarray(Image.open(client.download_artifacts(run_id, path, tmp)).convert("L"))
-                for key, (_, path) in newest.items()}
+                for key, path in newest.items()}
 
 
 def study_tags(client, experiment: str) -> dict:

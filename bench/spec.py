@@ -1,13 +1,12 @@
-"""Study specs: a TOML file in experiments/ -> a validated, frozen `StudySpec`. [study] says
-what is measured and how often, [grid] lists the axes whose cross product are the cells, the
-optional [search] runs Optuna inside every cell, [fixed] sets every other `RunConfig` field.
-A bad spec fails before training with one line naming the file, the key and the fix: this
-module checks that the study makes sense, `bench.spec_schema` checks its tables key by key.
+"""Study specs: a TOML file in experiments/ -> a validated, frozen `StudySpec`. [study] says what is
+measured and how often, [grid] lists the axes whose cross product are the cells, the optional [search]
+runs Optuna inside every cell, [fixed] sets every other `RunConfig` field. A bad spec fails before
+training with one line naming the file, the key and the fix: this module checks that the study makes
+sense, `bench.spec_schema` checks its tables key by key.
 
     spec = load_spec("experiments/default.toml").with_dataset("mnist")  # "auto" resolved
     print(format_plan(spec, train_size=50_000))  # the dry run
-    for cell in spec.cells():
-        config = spec.config(cell)  # a RunConfig, ready to train
+    configs = [spec.config(cell) for cell in spec.cells()]  # RunConfigs, ready to train
 """
 
 from __future__ import annotations
@@ -44,14 +43,13 @@ class Distribution:
     def suggest(self, trial):
         if self.kind == "categorical":
             return trial.suggest_categorical(self.name, list(self.choices))
-        suggest = trial.suggest_int if self.kind == "int" else trial.suggest_float
-        return suggest(self.name, self.low, self.high, log=self.log)
+        return getattr(trial, f"suggest_{self.kind}")(self.name, self.low, self.high, log=self.log)
 
     def describe(self) -> str:
         if self.kind == "categorical":
             return f"{self.name}: one of {', '.join(map(format_value, self.choices))}"
-        scale = ", log" if self.log else ""
-        return f"{self.name}: {self.kind} in [{format_value(self.low)}, {format_value(self.high)}]{scale}"
+        bounds = f"[{format_value(self.low)}, {format_value(self.high)}]"
+        return f"{self.name}: {self.kind} in {bounds}{', log' if self.log else ''}"
 
     def to_dict(self) -> dict:
         if self.kind == "categorical":
@@ -128,34 +126,30 @@ class StudySpec:
     def cells(self) -> list[Cell]:
         """The grid's cross product times the seeds, seed varying slowest (a study cut short
         still covers the grid); without a [grid], one cell per seed."""
-        axes = [name for name, _ in self.grid]
-        points = list(itertools.product(*(values for _, values in self.grid)))
-        return [Cell(i, (*zip(axes, point), ("seed", seed)))
-                for i, (seed, point) in enumerate(itertools.product(self.seeds, points))]
+        points = itertools.product(self.seeds, itertools.product(*(values for _, values in self.grid)))
+        return [Cell(i, (*zip((name for name, _ in self.grid), point), ("seed", seed)))
+                for i, (seed, point) in enumerate(points)]
 
     def cell(self, key: str) -> Cell:
-        found = [cell for cell in self.cells() if cell.key == key]
-        if found:
-            return found[0]
+        for cell in self.cells():
+            if cell.key == key:
+                return cell
         raise SpecError(f"no cell {key!r} in study {self.name!r} ({_label(self.path)}): "
                         f"the spec changed since that run; list the cells with a dry run")
 
     def config(self, cell: Cell, dataset: str | None = None, **sampled) -> RunConfig:
         """A trial's RunConfig: defaults < [fixed] < [study] < the cell's values < `sampled` ones;
         `dataset` replaces "auto" once the runner has resolved it."""
-        dataset = dataset or self.dataset
+        dataset, searched = dataset or self.dataset, self.search.names() if self.search else []
         if dataset == "auto":
             raise SpecError(f"dataset is 'auto' in study {self.name!r}: resolve it first and pass "
                             f"config(cell, dataset=NAME) or use spec.with_dataset(NAME)")
         if dataset not in DATASETS:
             raise SpecError(DATASETS.unknown_message(dataset))
-        searched = self.search.names() if self.search else []
-        unknown = sorted(set(sampled) - set(searched))
-        if unknown:
+        if unknown := sorted(set(sampled) - set(searched)):
             raise SpecError(f"sampled value(s) {', '.join(unknown)} are not searched in study "
                             f"{self.name!r}: searched are {', '.join(searched) or 'none'}")
-        types = field_types()
-        sampled = {k: float(v) if types[k] is float else v for k, v in sampled.items()}
+        sampled = {k: float(v) if field_types()[k] is float else v for k, v in sampled.items()}
         return _run_config(self, cell, dataset, sampled, _label(self.path))
 
     def with_dataset(self, name: str) -> StudySpec:
@@ -165,20 +159,15 @@ class StudySpec:
     def to_dict(self) -> dict:
         """The spec as the dict `parse_spec` reads (defaults filled in)."""
         study = {key: getattr(self, key) for key in STUDY_KEYS if key not in ("seeds", "epochs")}
-        study.update(seeds=list(self.seeds),
-                     epochs=dict(self.epochs_by_dataset) if self.epochs_by_dataset else self.epochs)
+        study.update(seeds=list(self.seeds), epochs=dict(self.epochs_by_dataset) or self.epochs)
         if self.time_budget_minutes is None:
             del study["time_budget_minutes"]
-        data: dict = {"study": study}
-        if self.grid:
-            data["grid"] = {name: list(values) for name, values in self.grid}
-        if self.search:
-            data["search"] = {"n_trials": self.search.n_trials, "sampler": self.search.sampler,
-                              "pruner": self.search.pruner,
-                              "params": {p.name: p.to_dict() for p in self.search.params}}
-        if self.fixed:
-            data["fixed"] = dict(self.fixed)
-        return data
+        search = self.search and {"n_trials": self.search.n_trials, "sampler": self.search.sampler,
+                                  "pruner": self.search.pruner,
+                                  "params": {p.name: p.to_dict() for p in self.search.params}}
+        data = {"study": study, "grid": {name: list(values) for name, values in self.grid},
+                "search": search, "fixed": dict(self.fixed)}
+        return {table: values for table, values in data.items() if values}
 
 
 def load_spec(path: str | Path) -> StudySpec:
@@ -188,7 +177,7 @@ def load_spec(path: str | Path) -> StudySpec:
         path = EXPERIMENTS_DIR / f"{path}.toml"
     try:
         raw = path.read_bytes()
-        text = raw.decode("utf-8")
+        data = tomllib.loads(raw.decode("utf-8"))
     except FileNotFoundError:
         shipped = ", ".join(sorted(p.stem for p in EXPERIMENTS_DIR.glob("*.toml")))
         raise SpecError(f"spec file {str(path)!r} not found: check the path "
@@ -197,8 +186,6 @@ def load_spec(path: str | Path) -> StudySpec:
         reason = error.strerror if isinstance(error, OSError) and error.strerror else error
         raise SpecError(f"cannot read spec file {str(path)!r}: {reason}; "
                         f"give the path of a readable UTF-8 TOML file") from None
-    try:
-        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"TOML syntax error in {path.name}: {error}; fix that line") from None
     return _parse(data, path.name, str(path), hashlib.sha256(raw).hexdigest())
@@ -223,19 +210,16 @@ def format_plan(spec: StudySpec, *, train_size: int | None = None, samples_per_s
                 workers: int = 1, overhead_s: float = TRIAL_OVERHEAD_S) -> str:
     """The dry run: every cell, the trials, and the time estimated as runs x epochs x train_size
     / (samples_per_s x workers) + `overhead_s` per run; `train_size` defaults to the dataset's."""
-    cells, trials = spec.cells(), spec.trials_per_cell
-    runs = len(cells) * trials
+    cells, trials, search = spec.cells(), spec.trials_per_cell, spec.search
+    runs, points = len(cells) * trials, len(cells) // len(spec.seeds)
     lines = [f"study {spec.name!r} ({_label(spec.path)}, sha256 {spec.sha256[:12]})",
              *([f"  {spec.description}"] if spec.description else []),
              f"dataset {spec.dataset}, binarize {spec.binarize}, epochs {spec.epochs}, "
-             f"seeds {', '.join(map(str, spec.seeds))}, objective {spec.objective} ({spec.direction})"]
-    if spec.fixed:
-        lines.append("fixed: " + ", ".join(f"{k}={format_value(v)}" for k, v in spec.fixed))
-    if spec.search:
-        lines.append(f"search: {trials} trials per cell, {spec.search.sampler} sampler, "
-                     f"{spec.search.pruner} pruner")
-        lines.extend(f"  {p.describe()}" for p in spec.search.params)
-    points = len(cells) // len(spec.seeds)
+             f"seeds {', '.join(map(str, spec.seeds))}, objective {spec.objective} ({spec.direction})",
+             *(["fixed: " + ", ".join(f"{k}={format_value(v)}" for k, v in spec.fixed)] if spec.fixed else [])]
+    if search:
+        lines += [f"search: {trials} trials per cell, {search.sampler} sampler, {search.pruner} pruner",
+                  *(f"  {p.describe()}" for p in search.params)]
     lines += ["", *_format_table(["#", *(name for name, _ in spec.grid), "seed"],
                                  [[c.index, *(v for _, v in c.params)] for c in cells]), "",
               f"{_plural(len(cells), 'cell')} ({_plural(points, 'grid point')} x "
@@ -243,19 +227,16 @@ def format_plan(spec: StudySpec, *, train_size: int | None = None, samples_per_s
     if train_size is None and spec.dataset in DATASETS:
         train_size = DATASETS.meta(spec.dataset).get("train_size")
     if train_size is None:
-        lines.append(f"estimated time: unknown; pass train_size, the number of training "
-                     f"images of dataset {spec.dataset!r}")
-        return "\n".join(lines)
+        return "\n".join([*lines, f"estimated time: unknown; pass train_size, the number of training "
+                                  f"images of dataset {spec.dataset!r}"])
     seconds = runs * spec.epochs * train_size / (samples_per_s * workers) + runs * overhead_s / workers
     lines.append(f"estimated time: about {_format_duration(seconds)} = {_plural(runs, 'run')} x "
                  f"{_plural(spec.epochs, 'epoch')} x {train_size:,} images / "
                  f"({samples_per_s:,.0f} images/s x {_plural(workers, 'worker')}) + "
                  f"{overhead_s:g} s per run; an estimate, not a measurement")
-    budget = spec.time_budget_minutes
-    if budget is not None and seconds > budget * 60:
-        lines.append(f"warning: the estimate ({_format_duration(seconds)}) exceeds "
-                     f"time_budget_minutes = {budget:g}: use fewer epochs, cells or seeds, "
-                     f"or more workers")
+    if spec.time_budget_minutes is not None and seconds > spec.time_budget_minutes * 60:
+        lines.append(f"warning: the estimate ({_format_duration(seconds)}) exceeds time_budget_minutes = "
+                     f"{spec.time_budget_minutes:g}: use fewer epochs, cells or seeds, or more workers")
     return "\n".join(lines)
 
 
@@ -263,62 +244,45 @@ def format_plan(spec: StudySpec, *, train_size: int | None = None, samples_per_s
 
 def _parse(data, file: str, path: str, sha256: str) -> StudySpec:
     values = read(data, file)
-    search = values.pop("search")
-    if search is not None:
+    if search := values.pop("search"):
         search = SearchSpec(**{**search, "params": tuple(Distribution(**p) for p in search["params"])})
     spec = StudySpec(**values, search=search, path=path, sha256=sha256)
     _check_combinations(spec, file)
-    _check_cells(spec, file)
+    for cell in spec.cells():  # every cell, and every searched field at its bounds and choices, is valid
+        config = _run_config(spec, cell, spec.dataset, {}, file)
+        for param in search.params if search else ():
+            for value in param.choices if param.kind == "categorical" else (param.low, param.high):
+                try:
+                    config.replace(**{param.name: value})
+                except ConfigError as error:
+                    raise SpecError(f"{param.name} = {format_value(value)} from [search.params] of {file} gives "
+                                    f"an invalid run in cell {cell.key}: {error}; narrow the distribution") from None
     return spec
 
 
-def _possible(spec: StudySpec, key: str) -> list[tuple[object, str]]:
-    """Every value field `key` can take in some trial, with where it comes from."""
-    for name, values in spec.grid:
-        if name == key:
-            return [(v, "[grid]") for v in values]
-    for param in spec.search.params if spec.search else ():
-        if param.name == key and param.kind == "categorical":
-            return [(v, "[search.params]") for v in param.choices]
-    fixed = dict(spec.fixed)
-    return [(fixed[key], "[fixed]")] if key in fixed else [(getattr(RunConfig(), key), "the RunConfig default")]
-
-
 def _check_combinations(spec: StudySpec, file: str) -> None:
-    models = _possible(spec, "model")
-    for model, where in models:
+    """Every model a trial can get (a field is set in one table at most) fits the objective and the datasets."""
+    sources = {**{name: ("[fixed]", (value,)) for name, value in spec.fixed},
+               **{name: ("[grid]", values) for name, values in spec.grid},
+               **{p.name: ("[search.params]", p.choices) for p in (spec.search.params if spec.search else ())}}
+    where, models = sources.get("model", ("the RunConfig default", (RunConfig().model,)))
+    for model in models:
         if spec.objective in VARIATIONAL_OBJECTIVES and not MODELS.get(model).variational:
             raise SpecError(f"objective {spec.objective!r} in [study] of {file} needs an ELBO, but model "
                             f"{model!r} from {where} is not variational: use objective = \"val/bce\" or "
                             f"\"val/mse\", or drop {model!r}")
     datasets = [d for d in AUTO_DATASETS if d in DATASETS] if spec.dataset == "auto" else [spec.dataset]
-    for model, where in models:
-        for dataset in datasets:
-            if MODELS.get(model).conditional and not DATASETS.meta(dataset).get("labelled", True):
-                shown = "'auto', which may resolve to" if spec.dataset == "auto" else "dataset"
-                labelled = [d for d in DATASETS.names() if DATASETS.meta(d).get("labelled", True)]
-                raise SpecError(f"model {model!r} from {where} of {file} needs labels, but {shown} "
-                                f"{dataset!r} is unlabelled: use a labelled dataset "
-                                f"({', '.join(labelled)}) or drop {model!r}")
-
-
-def _check_cells(spec: StudySpec, file: str) -> None:
-    """Every cell, and every searched field at its bounds and choices, is a valid RunConfig."""
-    for cell in spec.cells():
-        config = _run_config(spec, cell, spec.dataset, {}, file)
-        for param in spec.search.params if spec.search else ():
-            for value in param.choices if param.kind == "categorical" else (param.low, param.high):
-                try:
-                    config.replace(**{param.name: value})
-                except ConfigError as error:
-                    raise SpecError(f"{param.name} = {format_value(value)} from [search.params] "
-                                    f"of {file} gives an invalid run in cell {cell.key}: {error}; "
-                                    f"narrow the distribution") from None
+    for model, dataset in itertools.product(models, datasets):
+        if MODELS.get(model).conditional and not DATASETS.meta(dataset).get("labelled", True):
+            shown = "'auto', which may resolve to" if spec.dataset == "auto" else "dataset"
+            labelled = [d for d in DATASETS.names() if DATASETS.meta(d).get("labelled", True)]
+            raise SpecError(f"model {model!r} from {where} of {file} needs labels, but {shown} {dataset!r} is "
+                            f"unlabelled: use a labelled dataset ({', '.join(labelled)}) or drop {model!r}")
 
 
 def _run_config(spec: StudySpec, cell: Cell, dataset: str, sampled: dict, file: str) -> RunConfig:
-    values = {**dict(spec.fixed), "dataset": dataset, "binarize": spec.binarize,
-              "epochs": spec.epochs, **cell.as_dict(), **sampled}
+    values = {**dict(spec.fixed), "dataset": dataset, "binarize": spec.binarize, "epochs": spec.epochs,
+              **cell.as_dict(), **sampled}
     try:
         return RunConfig.from_dict(values)
     except ConfigError as error:

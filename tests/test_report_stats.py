@@ -206,7 +206,8 @@ def test_grid_axes_are_the_cell_keys_names_else_model_loss_and_latent():
 def test_finished_keeps_every_run_trained_outside_a_sweep_and_the_best_trial_of_a_search():
     runs = pd.DataFrame({"cell": ["", "", "a,seed=0", "a,seed=0", "a,seed=0", "b,seed=0", "b,seed=0"],
                          "run_id": ["outside-1", "outside-2", "a1", "a2", "a3", "b1", "b2"],
-                         "state": ["FINISHED"] * 6 + ["FAILED"], "objective": [np.nan, np.nan, 1.0, 3.0, np.nan, 2.0, 9.0],
+                         "state": ["FINISHED"] * 6 + ["FAILED"],
+                         "objective": [np.nan, np.nan, 1.0, 3.0, np.nan, 2.0, 9.0],
                          "objective_direction": ["", ""] + ["maximize"] * 5})  # untagged runs listed first
     assert finished(runs)["run_id"].tolist() == ["outside-1", "outside-2", "a2", "b1"]
     minimizing = runs.assign(objective_direction=["", ""] + ["minimize"] * 5)
@@ -253,7 +254,8 @@ def test_the_objective_row_takes_its_direction_from_the_study_and_its_facts_from
 def test_a_summary_groups_as_asked_flags_small_cells_and_has_no_objective_without_a_shared_one():
     runs = grid_runs({"test/bce": [[0.0, 1.0, 2.0], [4.0, 4.0, 4.0]]})
     by_loss = summarize(runs, by=["loss"]).set_index(["loss", "metric"])
-    assert by_loss.index.tolist() == [("bce", "objective"), ("bce", "test/bce"), ("mse", "objective"), ("mse", "test/bce")]
+    assert by_loss.index.tolist() == [("bce", "objective"), ("bce", "test/bce"),
+                                      ("mse", "objective"), ("mse", "test/bce")]
     assert by_loss.loc[("bce", "test/bce"), ["mean", "std", "n"]].tolist() == pytest.approx([12.5, math.sqrt(3.1), 6])
     untagged = runs.assign(objective_metric="", objective_direction="")
     assert summarize(untagged)["metric"].unique().tolist() == ["test/bce"]
@@ -352,3 +354,24 @@ def test_a_holm_p_exactly_at_the_level_rejects_nothing():
     level = 1 - CONFIDENCE
     assert _verdict(row._replace(p_holm=level)) == "no clear difference"
     assert _verdict(row._replace(p_holm=np.nextafter(level, 0))) == "mse better"
+
+
+def test_a_small_but_certain_difference_goes_to_the_lower_loss_where_lower_is_better():
+    small = [0.5, 0.52, 0.48]  # bce − mse: below 1 nat, p = 0.0005 (t test, 2 df)
+    row = paired_differences(grid_runs({"test/bce": [small]})).iloc[0]
+    high = 0.5 + stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)
+    assert (row["verdict"], row["ci_high"]) == ("mse better", pytest.approx(high))
+
+
+def test_a_summary_lists_every_metric_a_group_measured_with_its_flags_and_keeps_its_columns_when_empty():
+    runs = grid_runs({"test/fd": [STRONG], "test/bce": [STRONG]}, models=("vae", "ae"))
+    runs.loc[runs["model"] == "ae", "test/fd"] = np.nan  # the ae group measured test/bce, not test/fd
+    summary = summarize(runs, metrics=("test/fd", "test/bce"), by=["model"])
+    assert summary[["model", "metric"]].values.tolist() == [["vae", "test/fd"], ["vae", "test/bce"], ["ae", "test/bce"]]
+    assert summary["flag"].tolist() == ["", "", ""]  # 6 runs each: no flag at 3 seeds or more
+    assert summary["proper_density"].tolist() == [True, True, True]
+    assert summarize(runs, metrics=("test/bce",), by=[])[["metric", "n"]].values.tolist() == [["test/bce", 12]]
+    columns = ["model", "metric", "mean", "std", "n", "better", "proper_density", "comparable", "conditional", "flag"]
+    assert list(summarize(runs.assign(state="FAILED"), by=["model"]).columns) == columns
+    three = summarize(without(runs, latent_2=[]), metrics=("test/bce",))
+    assert set(three["n"]) == {3} and set(three["flag"]) == {""}

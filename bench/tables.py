@@ -214,8 +214,8 @@ def render_table(name: str, runs: pd.DataFrame, *, full: bool) -> tuple[str, str
     budget = ("the paper's budget (`--full`)" if full else
               f"the CPU budget (`bench table {name}`; `--full` for the paper's)")
     differences = _differences(paper, done)
-    notes = [f"Our numbers: mean ± sd over seeds (n); * marks fewer than {MIN_SEEDS} seeds, † nats "
-             "of a likelihood that is not a density on this data."]
+    notes = [f"Our numbers: mean ± sd over seeds (n, and se the standard error of the mean); * marks fewer "
+             f"than {MIN_SEEDS} seeds, † nats of a likelihood that is not a density on this data."]
     if any("‡" in cell for row in rows for cell in row):
         notes.append(CONDITIONAL_NOTE)
     if not same_data:
@@ -279,8 +279,8 @@ def _ours(chosen: pd.DataFrame, metric: str, trained: bool) -> tuple[str, str, f
     marks = ("†" if facts(metric)["likelihood"] and not proper else "") + ("‡" if conditional else "")
     digits = 1 if metric == "test/active_units" else 2
     mean = float(values.mean())
-    return (format_stat(mean, std, n, digits, marks=marks),
-            format_stat(mean, std, n, digits, latex=True, marks=marks), mean)
+    return (format_stat(mean, std, n, digits, marks=marks, se=True),
+            format_stat(mean, std, n, digits, latex=True, marks=marks, se=True), mean)
 
 
 def _metric_name(metric: str) -> str:

@@ -79,7 +79,7 @@ def test_exemplar_on_the_papers_own_data_shows_the_difference(mlflow_uri, tmp_pa
     runs = log_runs(mlflow_uri, "exemplar2020", [], [
         (dict(base, seed=s), {"test/nll": nll}, True) for s, nll in ((0, 229.5), (1, 230.5), (2, 230.0))])
     markdown, _ = render_table("exemplar2020", runs, full=False)
-    assert "| VAE, Gaussian prior | 228.70 ± 0.15 | 230.00 ± 0.50 (n=3) | +1.30 |" in markdown
+    assert "| VAE, Gaussian prior | 228.70 ± 0.15 | 230.00 ± 0.50 (n=3, se 0.29) | +1.30 |" in markdown
     assert "| VampPrior (not trained here) | 227.35 | not trained here | — |" in markdown
     assert "dataset:" not in markdown  # the same data as the paper
     assert "epochs: 5 here; 2000 in the paper's budget" in markdown
@@ -95,7 +95,7 @@ def test_seed_table_answers_bce_or_mse_with_paired_intervals(mlflow_uri, tmp_pat
     runs = log_runs(mlflow_uri, "seed", ["model", "loss"], cells)
     markdown, _ = render_table("seed", runs, full=False)
     assert "MSE looked better" in markdown
-    assert "| VAE, bce | — | 100.10 ± 0.10 (n=3) |" in markdown
+    assert "| VAE, bce | — | 100.10 ± 0.10 (n=3, se 0.06) |" in markdown
     # t = -2.9 / (0.1 / sqrt 3) with 2 degrees of freedom: p = 0.000396, one cell (Holm: the same)
     assert "| vae | test/bce | -2.90 | [-3.15, -2.65] | 3 | 0.000396 | bce better |" in markdown
     assert "| vae | test/mse | +0.00 | [+0.00, +0.00] | 3 | 1 | no clear difference |" in markdown

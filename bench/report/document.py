@@ -25,13 +25,16 @@ def _or_dash(value, text: str) -> str:
     return "—" if pd.isna(value) else text
 
 
-def format_stat(mean: float, std: float, n: int, digits: int = 2, latex: bool = False, marks: str = "") -> str:
-    """"123.45 ± 0.67 (n=3)", with a "*" when n < MIN_SEEDS and `marks` (e.g. "†") appended."""
+def format_stat(mean: float, std: float, n: int, digits: int = 2, latex: bool = False, marks: str = "",
+                se: bool = False) -> str:
+    """"123.45 ± 0.67 (n=3)", or with `se` "123.45 ± 0.67 (n=3, se 0.39)" (the standard error of the
+    mean, sd / sqrt(n)); a "*" when n < MIN_SEEDS and `marks` (e.g. "†") appended."""
     if n == 0 or pd.isna(mean):
         return "--" if latex else "—"
     pm = r" $\pm$ " if latex else " ± "
     spread = "" if pd.isna(std) else f"{pm}{std:.{digits}f}"
-    return f"{mean:.{digits}f}{spread} (n={n}){'*' if n < MIN_SEEDS else ''}{marks}"
+    error = f", se {std / n ** 0.5:.{digits}f}" if se and not pd.isna(std) else ""
+    return f"{mean:.{digits}f}{spread} (n={n}{error}){'*' if n < MIN_SEEDS else ''}{marks}"
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:

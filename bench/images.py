@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-# matplotlib's default colour cycle (tab10), so a label has the colour the report's figures give it
+# matplotlib's default colour cycle (tab10), the colours the latent pictures had when matplotlib drew them
 TAB10 = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
          (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 PLOT, MARGIN = (60, 36, 420, 370), 6  # the scatter's frame (left, top, right, bottom) and inner margin, px

@@ -43,19 +43,17 @@ def open_storage(url: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     locations.check_driver(url, "Optuna storage")
-    kwargs = {"engine_kwargs": {"pool_pre_ping": True}}
-    if locations.sqlite_path(url) is not None:
-        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+    path = locations.sqlite_path(url)
+    kwargs = {"engine_kwargs": {"pool_pre_ping": True} if path is None else {"connect_args": {"timeout": 60}}}
     try:
         locations.ensure_parent(url)
         storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, **kwargs)
     except Exception as e:  # noqa: BLE001 - SQLAlchemy raises many kinds; one line is enough
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        path = locations.sqlite_path(url)
         hint = (f"check that {path.parent} is a writable directory (--results)" if path is not None else
                 "check the URL (--storage) and that the database server is running")
         raise StudyError(locations.redact(f"cannot open Optuna storage {url}: {first}; {hint}")) from None
-    if locations.sqlite_path(url) is not None:
+    if path is not None:
         _begin_immediate(storage.engine)
     return storage
 

@@ -55,6 +55,9 @@ class RunConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.quality_n == 1:  # one sample has no covariance: the Frechet distance fails
+            raise ConfigError("quality_n must be 0 (off) or at least 2, got 1: the Frechet distance needs "
+                              "the covariance of 2 or more samples")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr!r}")
         if self.beta < 0 or self.weight_decay < 0:

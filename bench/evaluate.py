@@ -104,10 +104,6 @@ def iwae_log_likelihood(model, x, y=None, k: int = 5000, generator=None,
     return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
 
 
-def _mean(t: torch.Tensor) -> float:
-    return float(t.double().mean())
-
-
 @METRICS.register("elbo", variational=True, better={"elbo": "higher", "recon": "lower", "kl": None},
                   unit="nats per image", likelihood=("elbo", "recon"), given_label=("elbo", "recon", "kl"))
 def elbo_metric(model, x, y, ctx):

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import libcst as cst
+
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "results" / "mutation"
 # module -> the tests that claim to cover it (fast ones: each mutant runs them)
@@ -38,6 +40,7 @@ def run_module(module: str, tests: list[str]) -> dict:
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "results", "mutants",
                                                                "__pycache__", "*.egg-info"))
     selection = json.dumps([*tests, "-m", "not slow", "-p", "no:cacheprovider"])
+    undecorate(work / module)
     with open(work / "pyproject.toml", "a") as f:
         f.write(f'\n[tool.mutmut]\nsource_paths = ["{module}"]\npytest_add_cli_args_test_selection = '
                 f'{selection}\nalso_copy = ["bench", "experiments", "tests"]\n')
@@ -47,14 +50,51 @@ def run_module(module: str, tests: list[str]) -> dict:
                              capture_output=True, text=True).stdout
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
     killed = sum(1 for s in statuses.values() if s == "killed")
-    survived = sorted(name for name, s in statuses.items() if s == "survived")
+    # a mutant no test runs ("no tests") survives as surely as one the tests pass: both count
+    survived = sorted(name for name, s in statuses.items() if s in ("survived", "no tests"))
     diffs = {name: _diff(work, name) for name in survived}
-    counted = sum(1 for s in statuses.values() if s in ("killed", "survived", "timeout"))
+    counted = sum(1 for s in statuses.values() if s in ("killed", "survived", "timeout", "no tests"))
     timeouts = sum(1 for s in statuses.values() if s == "timeout")
     return {"module": module, "tests": tests, "mutants": len(statuses), "killed": killed + timeouts,
             "survived": survived, "diffs": diffs,
+            "untested": sorted(name for name, s in statuses.items() if s == "no tests"),
             "score": (killed + timeouts) / counted if counted else None,
-            "other": sorted({s for s in statuses.values()} - {"killed", "survived", "timeout"})}
+            "other": sorted({s for s in statuses.values()} - {"killed", "survived", "timeout", "no tests"})}
+
+
+KEPT = ("staticmethod", "classmethod")  # decorators mutmut itself handles
+
+
+class _Undecorate(cst.CSTTransformer):
+    """`@d1 @d2 def f` -> `def f` then `f = d1(d2(f))`: the same object under the same name, so
+    mutmut (which skips decorated functions: `@torch.no_grad()`, registry entries, properties)
+    mutates their bodies too, and its trampoline is what the decorators wrap."""
+
+    def _expand(self, body):
+        out = []
+        for stmt in body:
+            decorated = isinstance(stmt, cst.FunctionDef) and stmt.decorators and not (
+                len(stmt.decorators) == 1 and isinstance(stmt.decorators[0].decorator, cst.Name)
+                and stmt.decorators[0].decorator.value in KEPT)
+            if not decorated:
+                out.append(stmt)
+                continue
+            wrapped: cst.BaseExpression = stmt.name
+            for d in reversed(stmt.decorators):
+                wrapped = cst.Call(func=d.decorator, args=[cst.Arg(wrapped)])
+            out += [stmt.with_changes(decorators=[]),
+                    cst.SimpleStatementLine([cst.Assign([cst.AssignTarget(stmt.name)], wrapped)])]
+        return out
+
+    def leave_Module(self, original, updated):
+        return updated.with_changes(body=self._expand(updated.body))
+
+    def leave_ClassDef(self, original, updated):
+        return updated.with_changes(body=updated.body.with_changes(body=self._expand(updated.body.body)))
+
+
+def undecorate(path: Path) -> None:
+    path.write_text(cst.parse_module(path.read_text()).visit(_Undecorate()).code)
 
 
 def _diff(work: Path, name: str) -> str:

@@ -10,7 +10,6 @@ W has orthogonal columns, so M (and the exact posterior) is diagonal, as a VAE's
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -370,3 +369,180 @@ def test_active_units_counts_dimensions_that_depend_on_x():
     # KL per dimension with sigma = 1 is mu^2 / 2: 0 for a constant 0, 0.125 for a constant 0.5
     assert result.kl_per_dim[3:] == [0.0, 0.125]
     assert result.kl_per_dim[0] == pytest.approx(float((9 * x[:, 0, 0, 0].double() ** 2).mean() / 2))
+
+
+# -- the numbers each metric reports, by hand ------------------------------------------------
+
+def test_elbo_terms_use_exactly_the_noise_drawn_from_the_generator(ppca, images):
+    """z = mu + sigma * eps with eps drawn in the model's dtype from the generator passed:
+    the ELBO, recon and KL of one draw, computed by hand."""
+    model = ppca.vae(shift=0.3, scale=1.4)  # not the posterior: the ELBO depends on each z
+    mu, sigma = model.encode(images)
+    eps = torch.randn(mu.shape, generator=seeded(7), dtype=F64)
+    z = mu + sigma * eps
+    recon = ((images - model.decode(z)) ** 2).flatten(1).sum(1) / (2 * NOISE**2) + D * math.log(
+        NOISE * math.sqrt(2 * math.pi))
+    log_prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
+    log_q = torch.distributions.Normal(mu, sigma).log_prob(z).sum(1)
+    terms = elbo_terms(model, images, generator=seeded(7))
+    assert terms["elbo"].dtype == F64
+    assert torch.allclose(terms["recon"], recon, rtol=1e-12)
+    assert torch.allclose(terms["elbo"], -recon + log_prior - log_q, rtol=1e-12)
+    # evaluate reports the means of these terms, drawn from its own seeded generator
+    from bench.evaluate import EVAL_SEED
+    m = evaluate(model, images, None, metrics=["elbo"], batch_size=len(images)).metrics
+    drawn = elbo_terms(model, images, generator=seeded(EVAL_SEED))
+    for name in ("elbo", "recon", "kl"):
+        assert m[name] == pytest.approx(float(drawn[name].mean()), rel=1e-12)
+
+
+class HalfEncoder(nn.Module):
+    """mu = x - 0.5 per pixel, sigma = 1: decoded by TinyDecoder, logits x - 0.5."""
+
+    def forward(self, x, c=None):
+        mu = x.flatten(1) - 0.5
+        return mu, torch.ones_like(mu)
+
+
+def test_reconstruction_metrics_are_means_of_the_per_image_errors():
+    """One squared error and one cross-entropy per image, averaged over images and batches."""
+    from bench.losses import Bernoulli
+
+    model = VAE(HalfEncoder(), TinyDecoder(), Bernoulli(), latent=2)
+    x = torch.tensor([[0.0, 1.0], [1.0, 1.0], [0.2, 0.9]]).view(3, 1, 1, 2)
+    logits = x.flatten(1) - 0.5
+    p = torch.sigmoid(logits)
+    sq_by_hand = ((x.flatten(1) - p) ** 2).sum(1)
+    bce_by_hand = -(x.flatten(1) * p.log() + (1 - x.flatten(1)) * (1 - p).log()).sum(1)
+    sq, bce = reconstruction_errors(model, x)
+    assert sq.shape == bce.shape == (3,)
+    assert torch.allclose(sq, sq_by_hand, rtol=1e-6) and torch.allclose(bce, bce_by_hand, rtol=1e-6)
+    m = evaluate(model, x, None, metrics=["reconstruction"], batch_size=2).metrics  # two batches
+    assert m["mse"] == pytest.approx(float(sq_by_hand.mean()), rel=1e-6)
+    assert m["bce"] == pytest.approx(float(bce_by_hand.mean()), rel=1e-6)
+
+
+@pytest.mark.parametrize("likelihood, pixels, proper", [
+    ("bce", [0.0, 1.0], True),        # Bernoulli on binary data: a density
+    ("bce", [0.0, 0.4], False),       # Bernoulli on grey pixels: not one
+    ("bce", [1.0, 1.0], True),
+    ("mse", [0.0, 0.4], True),        # a Gaussian on continuous data: a density
+    ("mse", [0.0, 1.0], False),       # ... but not a probability on binary data
+])
+def test_the_proper_density_flag_follows_the_pixels_unless_told(likelihood, pixels, proper):
+    from bench.losses import Bernoulli
+
+    model = VAE(HalfEncoder(), TinyDecoder(), Bernoulli() if likelihood == "bce" else FixedGaussian(), latent=2)
+    x = torch.tensor(pixels * 2).view(2, 1, 1, 2)
+    assert evaluate(model, x, None, metrics=["reconstruction"]).proper_density is proper
+    told = evaluate(model, x, None, metrics=["reconstruction"], binary_data=likelihood == "bce")
+    assert told.proper_density  # the caller knows the data (a binarized dataset's flag)
+
+
+def test_one_image_is_enough(ppca, images):
+    """A single image: no variance across images (no active units), bits per dim from its NLL."""
+    result = evaluate(ppca.vae(), images[:1], None, k=4)
+    m = result.metrics
+    assert m["nll"] == pytest.approx(-float(ppca.log_px(images[:1])[0]), abs=1e-9)
+    assert m["bits_per_dim"] == pytest.approx(m["nll"] / (D * math.log(2)), rel=1e-12)
+    assert m["active_units"] == 0 and len(result.kl_per_dim) == LATENT
+    poor = evaluate(ppca.vae(shift=0.5), images[:1], None, k=4).metrics  # the ELBO is now below -NLL
+    assert poor["elbo"] < -poor["nll"] - 0.01
+    assert poor["bits_per_dim"] == pytest.approx(poor["nll"] / (D * math.log(2)), rel=1e-12)  # from the NLL
+    log_px = iwae_log_likelihood(ppca.vae(), images[:1], k=3, generator=seeded(0))
+    assert log_px.shape == (1,) and float(log_px[0]) == pytest.approx(float(ppca.log_px(images[:1])[0]), abs=1e-9)
+
+
+class FirstPixels(nn.Module):
+    """mu = the first two pixels themselves, sigma = 1."""
+
+    def forward(self, x, c=None):
+        mu = x.flatten(1)[:, :2]
+        return mu, torch.ones_like(mu)
+
+
+def test_active_units_use_the_population_variance_and_a_strict_threshold():
+    """Two images: a dimension moving by 1 is active; one moving by 0.15 has population
+    variance 0.005625 (its unbiased variance, 0.01125, would count); a variance of exactly
+    0.01 is not above the threshold."""
+    model = VAE(FirstPixels(), TinyDecoder(), FixedGaussian(), latent=2)
+    two = torch.tensor([[0.0, 0.0], [1.0, 0.15]], dtype=F64).view(2, 1, 1, 2)
+    assert evaluate(model, two, None, metrics=["latent"]).metrics["active_units"] == 1
+    exactly = torch.tensor([[0.012624076704937185] * 2, [0.2126240767049372] * 2], dtype=F64)
+    assert exactly[:, :1].var(0, unbiased=False).item() == 0.01
+    assert evaluate(model, exactly.view(2, 1, 1, 2), None, metrics=["latent"]).metrics["active_units"] == 0
+
+
+def test_an_unconditional_model_gets_no_marginal_nll_even_with_the_training_labels(ppca, images, labelled):
+    m = evaluate(ppca.vae(), images[:20], None, k=2, data=labelled["data"]).metrics
+    assert "nll_marginal" not in m and "nll" in m
+
+
+def test_the_marginal_nll_sums_over_the_labels_seen_in_training(labelled):
+    """Training labels 50 x class 0 and 1 x class 1, none of class 2: p(y) = (50/51, 1/51, 0),
+    so the sum runs over labels 0 and 1 only, the single image of class 1 included."""
+    train_y = torch.tensor([0] * 50 + [1])
+    split = Split(torch.zeros(len(train_y), *IMAGE), train_y)
+    data = Dataset("linear-gaussian", split, split, split, 3, "none", "tests")
+    cov = labelled["model"]().encoder.model
+    x = labelled["x"][:30]
+    offsets = labelled["model"]().encoder.offsets
+    full = cov.W @ cov.W.T + cov.s**2 * torch.eye(D, dtype=F64)
+    log_px_y = torch.stack([torch.distributions.MultivariateNormal(b, full).log_prob(x.flatten(1))
+                            for b in offsets[:2]])
+    prior = torch.tensor([50 / 51, 1 / 51], dtype=F64)
+    exact = -float(torch.logsumexp(log_px_y + prior.log()[:, None], 0).mean())
+    m = evaluate(labelled["model"](), x, labelled["y"][:30], k=2, data=data, metrics=["nll-marginal"]).metrics
+    assert m["nll_marginal"] == pytest.approx(exact, abs=1e-9)
+
+
+def test_the_protocol_defaults(ppca, images):
+    """5,000 importance samples per image (Burda et al.'s protocol), 10,000 samples for the
+    sample-quality metrics, evaluation batches of 500 images."""
+    import inspect
+
+    defaults = {name: p.default for name, p in inspect.signature(evaluate).parameters.items()}
+    assert (defaults["k"], defaults["quality_n"], defaults["batch_size"]) == (5000, 10_000, 500)
+    assert inspect.signature(iwae_log_likelihood).parameters["k"].default == 5000
+    # and as used: an evaluation without k reports 5,000 samples; without batch_size it draws
+    # its noise batch by batch exactly as with batch_size=500
+    model = ppca.vae(shift=0.2, scale=1.2)
+    assert evaluate(model, images[:2], None, metrics=["nll"]).metrics["nll_k"] == 5000
+    x = torch.cat([images, images[:120]])  # 620 images: two batches of 500 and 120
+    default, explicit = evaluate(model, x, None, k=2).metrics, evaluate(model, x, None, k=2, batch_size=500).metrics
+    assert {k: v for k, v in default.items() if k != "bce"} == {k: v for k, v in explicit.items() if k != "bce"}
+
+
+def test_many_importance_samples_shrink_the_image_batches(ppca, images, labelled):
+    """k = 10,000: images go 419 at a time (2**22 elements of weights), the estimate unchanged."""
+    m = evaluate(ppca.vae(), images[:3], None, k=10_000, metrics=["nll"]).metrics
+    assert m["nll"] == pytest.approx(-float(ppca.log_px(images[:3]).mean()), abs=1e-9)
+    c = evaluate(labelled["model"](), labelled["x"][:2], labelled["y"][:2], k=10_000, data=labelled["data"],
+                 metrics=["nll-marginal"]).metrics
+    assert c["nll_marginal"] == pytest.approx(-float(labelled["log_px"][:2].mean()), abs=1e-9)
+
+
+@pytest.fixture(scope="module")
+def small_digits():
+    import dataclasses
+
+    from bench.data import load_dataset
+
+    d = load_dataset("digits")
+    return dataclasses.replace(d, train=Split(d.train.x[:200], d.train.y[:200]),
+                               val=Split(d.val.x[:50], d.val.y[:50]), test=Split(d.test.x[:60], d.test.y[:60]))
+
+
+def test_sample_quality_runs_only_with_data_a_cache_and_a_sample_count(small_digits, tmp_path):
+    """The judge is trained once into the cache; samples are drawn from the evaluation's seed
+    (another seed, other samples, another Frechet distance); quality_n = 0 turns it off."""
+    model = create_model(RunConfig(model="vae", latent=2), small_digits.image_shape, small_digits.num_classes)
+    x, y = small_digits.test.x, small_digits.test.y
+    on = evaluate(model, x, y, k=2, data=small_digits, cache_dir=tmp_path, quality_n=30).metrics
+    assert {"fd", "precision", "recall", "classifier_acc", "class_entropy"} <= set(on) and on["quality_n"] == 30
+    assert list(tmp_path.iterdir())  # the judge, cached
+    other = evaluate(model, x, y, k=2, data=small_digits, cache_dir=tmp_path, quality_n=30, seed=5).metrics
+    assert other["fd"] != on["fd"]
+    for off in ({"quality_n": 0}, {"cache_dir": None}, {"data": None}):
+        kw = {"data": small_digits, "cache_dir": tmp_path, "quality_n": 30, **off}
+        assert "fd" not in evaluate(model, x, y, k=2, **kw).metrics

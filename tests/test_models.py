@@ -204,3 +204,121 @@ def test_seed_presets_are_the_seed_tutorial(name, model):
     cfg = RunConfig(**PRESETS.get(name)())
     assert (cfg.model, cfg.arch, cfg.loss) == (model, "seed", "seed-bce")
     assert (cfg.latent, cfg.lr, cfg.batch_size, cfg.dropout, cfg.beta) == (32, 1e-4, 64, 0.1, 1.0)
+
+
+# -- the pieces every model shares, by hand ---------------------------------------------------
+
+def test_log_normal_is_the_gaussian_log_density_in_the_dtype_of_z():
+    g = torch.Generator().manual_seed(0)
+    z, mu = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    for sigma in (0.3, torch.rand(5, 3, generator=g, dtype=torch.float64) + 0.1):
+        expected = torch.distributions.Normal(mu, sigma).log_prob(z).sum(-1)
+        torch.testing.assert_close(log_normal(z, mu, sigma), expected, rtol=1e-14, atol=0)
+    standard = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(-1)
+    torch.testing.assert_close(log_normal(z), standard, rtol=1e-14, atol=0)
+
+
+def test_a_plain_vae_is_unconditional_with_beta_1_and_one_sample():
+    from bench.models.vae import VAE
+
+    vae = build("vae")
+    plain = VAE(vae.encoder, vae.decoder, vae.likelihood, latent=3)
+    assert (plain.num_classes, plain.beta, plain.k) == (0, 1.0, 1)
+
+
+@pytest.mark.parametrize("name", ["vae", "ae"])
+def test_samples_come_from_the_generator_passed(name):
+    """Same generator seed, same samples; the global RNG is neither used nor needed."""
+    model = build(name).eval()
+    if name == "ae":
+        model.fit_prior(torch.randn(50, 3, generator=torch.Generator().manual_seed(1)), seed=0)
+    torch.manual_seed(0)
+    first = model.sample(4, generator=torch.Generator().manual_seed(3))
+    second = model.sample(4, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert not torch.equal(first, model.sample(4, generator=torch.Generator().manual_seed(4)))
+
+
+def test_vae_prior_draws_by_hand():
+    model = build("vae").double()
+    z = model.prior_sample(6, generator=torch.Generator().manual_seed(2))
+    expected = torch.randn(6, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+
+
+def test_iwae_bound_by_hand_from_the_noise_given():
+    """loss = -(logsumexp_i [log p(x|z_i) + b (log p(z_i) - log q(z_i|x))] - log k), z_i =
+    mu + sigma eps_i with the noise passed in (as a stack passes each trial's own)."""
+    vae = build("vae").double().eval()
+    k, beta = 4, 0.5
+    iwae = IWAE(vae.encoder, vae.decoder, vae.likelihood, latent=3, k=k)
+    x, _ = batch((1, 8, 8), n=2)
+    x = x.double()
+    eps = torch.randn(k, 2, 3, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    mu, sigma = vae.encode(x)
+    z = mu + sigma * eps                                                   # (k, B, latent)
+    log_px_z = torch.stack([-vae.likelihood(vae.decode(z[i]), x) for i in range(k)])
+    log_ratio = log_normal(z) - log_normal(z, mu, sigma)
+    bound = torch.logsumexp(log_px_z + beta * log_ratio, 0) - math.log(k)
+    t = iwae.terms(x, kl_weight=beta, eps=eps)
+    torch.testing.assert_close(t["loss"], -bound, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(t["recon"], -log_px_z.mean(0), rtol=1e-12, atol=1e-12)
+    again = iwae.terms(x, kl_weight=beta, eps=eps, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(again["loss"], t["loss"], rtol=0, atol=0)  # the noise given wins
+
+
+def test_a_cvae_without_labels_says_what_to_pass():
+    model = build("cvae")
+    with pytest.raises(ConfigError) as caught:
+        model.terms(batch((1, 8, 8))[0])
+    assert str(caught.value) == "a cvae needs labels: pass y (a dataset with labels)"
+
+
+def test_the_objectives_in_words():
+    cfg = RunConfig(model="vae", loss="bce", beta=0.5, warmup_epochs=10, k=5)
+    recon = "-log p(x|z) under likelihood 'bce' (nats, summed over pixels)"
+    assert MODELS.get("vae").objective(cfg) == (
+        f"{recon} + 0.5 * KL(q(z|x) || N(0, I)), KL weight rising linearly from 0 over 10 epochs (per step)")
+    assert MODELS.get("vae").objective(cfg.replace(warmup_epochs=0)) == f"{recon} + 0.5 * KL(q(z|x) || N(0, I))"
+    assert MODELS.get("ae").objective(cfg) == recon
+    assert MODELS.get("iwae").objective(cfg) == (
+        "-log mean_k p(x|z_k) p(z_k)^b / q(z_k|x)^b with k=5, b=0.5, b rising linearly from 0 over 10 epochs")
+    assert MODELS.get("iwae").objective(cfg.replace(warmup_epochs=0)) == (
+        "-log mean_k p(x|z_k) p(z_k)^b / q(z_k|x)^b with k=5, b=0.5")
+
+
+# -- the autoencoder's mixture prior ---------------------------------------------------------
+
+def test_an_unfitted_ae_prior_is_a_uniform_mixture_of_standard_normals():
+    model = build("ae")
+    torch.testing.assert_close(model.gmm_weights, torch.full((10,), 0.1), rtol=0, atol=0)
+    assert torch.equal(model.gmm_means, torch.zeros(10, 3)) and torch.equal(model.gmm_stds, torch.ones(10, 3))
+
+
+def test_ae_prior_draws_by_hand():
+    """A component from the weights, then mean + sd * eps, both from the generator passed."""
+    model = build("ae")
+    model.fit_prior(torch.randn(200, 3, generator=torch.Generator().manual_seed(0)), seed=0)
+    z = model.prior_sample(7, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    comp = torch.multinomial(model.gmm_weights, 7, replacement=True, generator=g)
+    eps = torch.randn(7, 3, generator=g)
+    torch.testing.assert_close(z, model.gmm_means[comp] + model.gmm_stds[comp] * eps, rtol=0, atol=0)
+
+
+def test_ae_mixture_fit_is_seeded_padded_and_floored():
+    """Fewer latents than components: the unused ones get weight 0 (never drawn); a dimension
+    the encoder never moves gets sd sqrt(1e-4) = 0.01, not 0; the same seed, the same fit."""
+    model = build("ae")
+    g = torch.Generator().manual_seed(0)
+    latents = torch.cat([torch.randn(4, 2, generator=g), torch.full((4, 1), 0.5)], 1)  # 4 < 10 components
+    model.fit_prior(latents, seed=0)
+    assert torch.equal(model.gmm_weights[4:], torch.zeros(6)) and model.gmm_weights.sum().item() == pytest.approx(1)
+    assert torch.equal(model.gmm_means[4:], torch.zeros(6, 3)) and torch.equal(model.gmm_stds[4:], torch.ones(6, 3))
+    torch.testing.assert_close(model.gmm_stds[:4, 2], torch.full((4,), 0.01), rtol=1e-3, atol=0)
+    many = torch.randn(300, 3, generator=g)
+    fits = []
+    for seed in (0, 0, 1):
+        model.fit_prior(many, seed=seed)
+        fits.append(model.gmm_means.clone())
+    assert torch.equal(fits[0], fits[1]) and not torch.equal(fits[0], fits[2])

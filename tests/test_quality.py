@@ -248,6 +248,9 @@ def test_quality_n_is_a_run_config_field():
     assert RunConfig().quality_n == 10_000 and RunConfig(quality_n=0).quality_n == 0
     with pytest.raises(ConfigError, match="quality_n"):
         RunConfig(quality_n=-1)
+    with pytest.raises(ConfigError, match="quality_n must be 0 .off. or at least 2, got 1"):
+        RunConfig(quality_n=1)  # one sample has no covariance: it would end in a LinAlgError
+    assert RunConfig(quality_n=2).quality_n == 2
 
 
 def _quality(model, digits, cache, **kw):

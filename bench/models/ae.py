@@ -4,7 +4,6 @@ training latents after training (as in Ghosh et al. 2020's ex-post density estim
 mixture lives in buffers, so it is saved and loaded with the state dict."""
 
 import torch
-from torch import nn
 
 from bench.models.vae import VAE, _recon_text
 from bench.registry import MODELS
@@ -39,8 +38,8 @@ class AE(VAE):
         return {"loss": recon, "recon": recon}
 
     @torch.no_grad()
-    def fit_prior(self, z: torch.Tensor, seed: int = 0) -> None:
-        """Fit the diagonal Gaussian mixture sampled from by `sample`."""
+    def fit_prior(self, z: torch.Tensor, *, seed: int) -> None:
+        """Fit the diagonal Gaussian mixture sampled from by `sample` (seeded by the run's seed)."""
         from sklearn.mixture import GaussianMixture
 
         m = min(MIXTURE_COMPONENTS, len(z))

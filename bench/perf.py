@@ -19,7 +19,9 @@ percent between runs, so only ratios measured together mean anything). The net i
   `default_sweep_speedup` (the default study one trial at a time / stacked, 2 workers): whole
   studies, so only without --quick;
 - `peak_rss_mb` of this process.
-Figures this does not measure are null with a note (pythae, not installed here).
+- `pythae_samples_per_s`, `speedup_vs_pythae`, `speedup_vs_pythae_nll` and `nll_vs_pythae`: pythae
+  0.1.2 (optional extra `peers`) on the same net and weights, interleaved with ours.
+Figures this does not measure are null with a note (pythae when it is not installed).
 """
 
 from __future__ import annotations
@@ -171,6 +173,33 @@ def iwae_rate(data, k: int, images: int) -> float:
     return images / (time.perf_counter() - started)
 
 
+def pythae_rate(data) -> float:
+    from bench import peers
+    from bench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(_config(data), data.image_shape, data.num_classes)
+    return peers.train_rate(model, data.train.x, lr=1e-3, batch_size=BATCH)
+
+
+def nll_against_pythae(data, k: int, images: int) -> dict:
+    """Ours and pythae's get_nll on the same weights and images: images/s of each, and the
+    paired gap in nats with its standard error."""
+    from bench import peers
+    from bench.evaluate import iwae_log_likelihood
+    from bench.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model(_config(data), data.image_shape, data.num_classes).eval()
+    x = data.test.x[:images]
+    started = time.perf_counter()
+    ours = iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0))
+    ours_rate = images / (time.perf_counter() - started)
+    theirs, seconds = peers.log_likelihood(model, x, k)
+    return {"ours_images_per_s": ours_rate, "pythae_images_per_s": images / seconds,
+            **peers.agreement(ours, theirs)}
+
+
 def tracking_overhead(data, rounds: int = 3, epochs: int = 5) -> float:
     """A tracked trial's wall time over the same trial untracked, minus 1: the median over
     interleaved pairs after one warm-up pair (the first trial of a process pays imports)."""
@@ -212,6 +241,11 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
                               ("gemm_ew_samples_per_s", lambda: gemm_rate(d, True, steps)),
                               ("iwae_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20))):
             samples.setdefault(name, []).append(measure())
+    from bench import peers
+    if peers.available():  # the peer interleaved with ours, round by round
+        for _ in range(rounds):
+            samples.setdefault("pythae_samples_per_s", []).append(pythae_rate(data))
+        nll = [nll_against_pythae(data, 5000, 5 if quick else 20) for _ in range(rounds)]
     cores = os.cpu_count() or 1
     for _ in range(rounds):  # stacks on every core, as one worker with --stack trains them
         for size in STACKS:
@@ -227,11 +261,19 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     out["speedup_vs_naive"] = out["trainer_samples_per_s"] / out["naive_samples_per_s"]
     out["tracking_overhead"] = None if quick else tracking_overhead(data)
     out.update({"pythae_samples_per_s": None, "speedup_vs_pythae": None, "speedup_vs_pythae_nll": None,
-                "default_sweep_speedup": None, "sweep_overhead": None,
-                "notes": ["pythae: not installed here (optional extra `peers`, not declared yet)",
-                          f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
+                "nll_vs_pythae": None, "default_sweep_speedup": None, "sweep_overhead": None,
+                "notes": [f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
                           f"roofline: the step's matmuls alone at batch {BATCH} x {best} on as many threads",
                           "the gemm+ew bound counts one pass per elementwise op; an approximation"]})
+    if peers.available():
+        out["pythae_samples_per_s"] = statistics.median(samples["pythae_samples_per_s"])
+        out["speedup_vs_pythae"] = out["trainer_samples_per_s"] / out["pythae_samples_per_s"]
+        out["speedup_vs_pythae_nll"] = statistics.median(r["ours_images_per_s"] / r["pythae_images_per_s"] for r in nll)
+        out["nll_vs_pythae"] = nll[-1]
+        out["notes"].append("pythae 0.1.2: its BaseTrainer.train_step and get_nll (k = 5000) on the same net and "
+                            "weights; nll_vs_pythae: mean log p(x) of both on the same images, paired gap and its se")
+    else:
+        out["notes"].append("pythae: not installed (pip install -e .[peers]); its figures are null")
     if not quick:  # whole studies: minutes each
         wall, training = study_seconds(str(EXPERIMENTS / "smoke.toml"), stack=1, workers=1)
         out["sweep_overhead"] = wall / training - 1
@@ -256,7 +298,7 @@ def markdown(result: dict) -> str:
         if key in ("machine", "notes", "dataset", "train_images", "rounds", "quick", "when"):
             continue
         if isinstance(value, dict):
-            value = ", ".join(f"N={k}: {v:,.0f}" for k, v in value.items())
+            value = ", ".join(f"N={k}: {v:,.0f}" if key == "stacked" else f"{k} {v:,.2f}" for k, v in value.items())
             lines.append(f"| `{key}` | {value} |")
             continue
         shown = "—" if value is None else (f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3f}")

@@ -19,4 +19,12 @@ def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
     assert set(result["stacked"]) == {"1", "4", "16", "64"} and all(v > 0 for v in result["stacked"].values())
     assert result["stacked_speedup"] == pytest.approx(max(result["stacked"].values()) / result["stacked"]["1"])
     assert "N=16" in table
-    assert all(result[key] is None for key in ("pythae_samples_per_s", "default_sweep_speedup"))  # said, not invented
+    assert result["default_sweep_speedup"] is None  # whole studies: not in --quick; said, not invented
+    from bench import peers
+    if peers.available():
+        ratio = result["trainer_samples_per_s"] / result["pythae_samples_per_s"]
+        assert result["speedup_vs_pythae"] == pytest.approx(ratio)
+        assert result["speedup_vs_pythae_nll"] > 0 and "pythae" in result["nll_vs_pythae"]
+        assert "| `speedup_vs_pythae` |" in table
+    else:
+        assert result["pythae_samples_per_s"] is None and "pythae: not installed" in table

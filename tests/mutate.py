@@ -5,6 +5,7 @@ repository and runs the tests that cover it; a mutant the tests still pass "surv
 be killed by a test or explained in docs/mutation.md).
 
     python tests/mutate.py [MODULE ...]     # default: every module below
+    python tests/mutate.py --rescore MODULE  # counts again after re-running survivors by name
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ TARGETS = {
 }
 
 
-def run_module(module: str, tests: list[str]) -> dict:
-    """Mutate `module` in a fresh copy of the repository; return its counts and survivors."""
+def run_module(module: str, tests: list[str], rescore: bool = False) -> dict:
+    """Mutate `module` in a fresh copy of the repository; return its counts and survivors.
+    With `rescore`, only read the counts again from the last run's copy (after re-running
+    named survivors there with `mutmut run NAME ...` against new tests)."""
     work = OUT / "work" / module.replace("/", "_")
+    if rescore:
+        return _scores(module, tests, work)
     shutil.rmtree(work, ignore_errors=True)
     shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", ".venv", "results", "mutants",
                                                                "__pycache__", "*.egg-info"))
@@ -46,6 +51,10 @@ def run_module(module: str, tests: list[str]) -> dict:
                 f'{selection}\nalso_copy = ["bench", "experiments", "tests"]\n')
     subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=work,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return _scores(module, tests, work)
+
+
+def _scores(module: str, tests: list[str], work: Path) -> dict:
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
@@ -104,7 +113,7 @@ def _diff(work: Path, name: str) -> str:
                      and not line.startswith(("---", "+++")))
 
 
-def main(modules: list[str]) -> None:
+def main(modules: list[str], rescore: bool = False) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     scores = {}
     path = OUT / "scores.json"
@@ -112,7 +121,7 @@ def main(modules: list[str]) -> None:
         scores = json.loads(path.read_text())
     for module in modules or list(TARGETS):
         print(f"mutating {module} ...", flush=True)
-        scores[module] = run_module(module, TARGETS[module])
+        scores[module] = run_module(module, TARGETS[module], rescore)
         path.write_text(json.dumps(scores, indent=2) + "\n")
         s = scores[module]
         print(f"  {s['killed']}/{s['mutants']} killed ({(s['score'] or 0):.1%}), {len(s['survived'])} survived",
@@ -126,4 +135,4 @@ def main(modules: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main([a for a in sys.argv[1:] if a != "--rescore"], rescore="--rescore" in sys.argv)

@@ -54,6 +54,8 @@ def test_a_study_queues_each_missing_cell_and_slot_once_and_counts_the_done(stud
     study.tell(first, 1.0)
     assert queue.queue_missing(grid, study) == (0, 1)
     assert by_state(study) == [("latent=2,seed=0", 0, 1, "COMPLETE"), ("latent=4,seed=0", 0, 1, "WAITING")]
+    study.tell(queue.take_queued(study), 2.0)
+    assert queue.queue_missing(grid, study) == (0, 2)  # every done slot counted, none queued again
 
 
 def test_a_failed_slot_is_queued_again_as_its_next_attempt_and_a_pruned_one_is_done(study):
@@ -134,6 +136,29 @@ def test_without_native_heartbeats_the_wall_clock_beat_decides(tmp_path, monkeyp
         assert queue.fail_stale(study, storage) == 0  # a failed trial is not failed twice
     assert time.time() - study.trials[beating.number].system_attrs[queue.BEAT] < 2
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_the_wall_clock_rule_counts_every_dead_trial_and_falls_back_to_the_start_time(tmp_path, monkeypatch):
+    """Two silent trials are two failed; a trial that never beat is judged by its start (a
+    fresh one is kept); finished trials are never touched."""
+    monkeypatch.setattr(queue, "GRACE_S", 2)
+    storage = queue.open_storage(f"journal:{tmp_path / 'optuna.log'}")
+    study = optuna.create_study(study_name="queue", storage=storage)
+    queue.queue_missing(spec(trials_per_cell=5), study)
+    done = queue.take_queued(study)
+    study.tell(done, 1.0)
+    dead = [queue.take_queued(study), queue.take_queued(study)]
+    for trial in dead:
+        storage.set_trial_system_attr(trial._trial_id, queue.BEAT, time.time() - 10)
+    fresh = queue.take_queued(study)  # no beat yet, started just now
+    assert queue.BEAT not in study.trials[fresh.number].system_attrs
+    assert queue.fail_stale(study, storage) == 2
+    states = {t.number: t.state for t in study.get_trials()}
+    assert states[done.number] == TrialState.COMPLETE and states[fresh.number] == TrialState.RUNNING
+    assert [states[t.number] for t in dead] == [TrialState.FAIL, TrialState.FAIL]
+    time.sleep(2.5)  # now its start is older than the grace period and it never beat
+    assert queue.fail_stale(study, storage) == 1
+    assert study.trials[fresh.number].state == TrialState.FAIL
 
 
 def test_a_storage_that_cannot_be_opened_is_one_line_naming_the_fix(tmp_path):

@@ -10,6 +10,7 @@ be killed by a test or explained in docs/mutation.md).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
 import shutil
@@ -31,7 +32,25 @@ TARGETS = {
     "bench/models/cvae.py": ["tests/test_models.py"],
     "bench/report/stats.py": ["tests/test_report_stats.py"],
     "bench/queue.py": ["tests/test_queue.py"],
+    # the recovery functions, which live beside the code they recover (only they are mutated)
+    "bench/train.py": ["tests/test_resume.py"],
+    "bench/tracking.py": ["tests/test_resume.py", "tests/test_tracking.py"],
+    "bench/worker.py": ["tests/test_resume.py"],
+    "bench/sweep.py": ["tests/test_resume.py"],
 }
+# modules mutated only in these functions; every other module in all of its code
+ONLY = {
+    "bench/train.py": ["save_state", "load_state", "_rng_states", "_set_rng_states"],
+    "bench/tracking.py": ["resumable_run", "reopen_run", "fail_orphaned_runs"],
+    "bench/worker.py": ["resumable"],
+    "bench/sweep.py": ["_end_orphaned_runs"],
+}
+
+
+def _selected(module: str) -> list[str]:
+    """mutmut name patterns of the functions `module` is mutated in (empty: all of it)."""
+    dotted = module.removesuffix(".py").replace("/", ".")
+    return [f"{dotted}.x_{name}__mutmut_*" for name in ONLY.get(module, [])]
 
 
 def run_module(module: str, tests: list[str], rescore: bool = False) -> dict:
@@ -49,7 +68,7 @@ def run_module(module: str, tests: list[str], rescore: bool = False) -> dict:
     with open(work / "pyproject.toml", "a") as f:
         f.write(f'\n[tool.mutmut]\nsource_paths = ["{module}"]\npytest_add_cli_args_test_selection = '
                 f'{selection}\nalso_copy = ["bench", "experiments", "tests"]\n')
-    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1"], cwd=work,
+    subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", "1", *_selected(module)], cwd=work,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return _scores(module, tests, work)
 
@@ -58,6 +77,8 @@ def _scores(module: str, tests: list[str], work: Path) -> dict:
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
+    if _selected(module):
+        statuses = {n: s for n, s in statuses.items() if any(fnmatch.fnmatch(n, p) for p in _selected(module))}
     killed = sum(1 for s in statuses.values() if s == "killed")
     # a mutant no test runs ("no tests") survives as surely as one the tests pass: both count
     survived = sorted(name for name, s in statuses.items() if s in ("survived", "no tests"))

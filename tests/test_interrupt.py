@@ -87,32 +87,6 @@ def test_ctrl_c_leaves_every_trial_and_run_final_and_the_next_run_resumes(tmp_pa
         [exp_id], filter_string=f"tags.`{tracking.ROLE}` = 'study'"))).info.status == "FINISHED"
 
 
-def test_a_run_its_worker_could_not_end_is_ended_by_the_coordinator_and_only_for_its_own_workers(tmp_path, new_store):
-    from bench import queue, sweep
-    from bench.config import RunConfig
-    from bench.spec import parse_spec
-
-    uri = new_store(tmp_path)
-    url = f"sqlite:///{tmp_path / 'optuna.db'}"
-    (tmp_path / "spec.toml").write_text(SPEC)
-    spec = sweep.resolve(sweep.load_spec(tmp_path / "spec.toml"))
-    study, exp_id, parent = sweep.prepare(spec, url, uri)
-    client = tracking.connect(uri)
-    runs = {}
-    for worker in ("here:1", "here:2", "elsewhere:1"):  # interrupted, each left its run RUNNING
-        trial = study.ask()
-        trial.set_user_attr(queue.WORKER, worker)
-        study.tell(trial, state=TrialState.FAIL)
-        runs[worker] = tracking.start_trial_run(client, exp_id, RunConfig(), run_name=worker, parent_run_id=parent,
-                                                tags={tracking.STUDY: spec.name, tracking.TRIAL: trial.number})
-
-    sweep._end_orphaned_runs(spec, url, uri, {"here:1", "here:2"})
-
-    status = {w: client.get_run(r).info.status for w, r in runs.items()}
-    assert status == {"here:1": "KILLED", "here:2": "KILLED", "elsewhere:1": "RUNNING"}
-    assert client.get_run(runs["here:1"]).data.tags[tracking.FAIL_REASON] == "interrupted by the user"
-
-
 def test_a_store_error_while_ending_an_interrupted_run_prints_no_mlflow_traceback(tmp_path, new_store, capfd):
     import logging
     import sqlite3

@@ -136,13 +136,13 @@ def _diff(work: Path, name: str) -> str:
 
 def main(modules: list[str], rescore: bool = False) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
-    scores = {}
     path = OUT / "scores.json"
-    if path.exists():
-        scores = json.loads(path.read_text())
+    scores = json.loads(path.read_text()) if path.exists() else {}
     for module in modules or list(TARGETS):
         print(f"mutating {module} ...", flush=True)
-        scores[module] = run_module(module, TARGETS[module], rescore)
+        result = run_module(module, TARGETS[module], rescore)
+        scores = json.loads(path.read_text()) if path.exists() else {}  # another run may have written
+        scores[module] = result
         path.write_text(json.dumps(scores, indent=2) + "\n")
         s = scores[module]
         print(f"  {s['killed']}/{s['mutants']} killed ({(s['score'] or 0):.1%}), {len(s['survived'])} survived",

@@ -84,6 +84,27 @@ def test_a_done_cell_under_other_values_is_refused_by_name_and_a_failed_one_is_n
     assert queue.queue_missing(spec(beta=0.5), other) == (2, 0)
 
 
+def test_the_refusal_names_up_to_four_changes_and_both_ways_out(study):
+    queue.queue_missing(spec(), study)
+    study.tell(queue.take_queued(study), 1.0)
+    changed = spec(beta=0.5, lr=0.01, dropout=0.2, weight_decay=0.1, patience=3)  # five fields changed
+    with pytest.raises(StudyError) as caught:
+        queue.queue_missing(changed, study)
+    message = str(caught.value)
+    assert message.startswith("study 'queue' already holds cell latent=2,seed=0 trained with other values (")
+    assert message.endswith("); give the changed spec a new [study] name, or pass --restart to delete this "
+                            "study's trials and runs and start over")
+    listed = message.split(" (", 1)[1].split("); ", 1)[0].split("; ")
+    assert len(listed) == 4 and all(" -> " in change for change in listed)
+
+
+def test_a_trial_from_before_slots_and_identities_counts_as_slot_0(study):
+    """Trials written by an older vaebench carry only their cell: slot 0, nothing to compare."""
+    study.enqueue_trial(params={"latent": 2, "seed": 0}, user_attrs={queue.CELL: "latent=2,seed=0"})
+    study.tell(queue.take_queued(study), 1.0)
+    assert queue.queue_missing(spec(), study) == (1, 1)  # only latent=4 is queued
+
+
 def test_identity_changes_name_each_field_and_count_a_new_field_as_its_default():
     old = queue.identity(spec(), spec().cells()[0])
     assert queue.identity_changes(old, old) == []
@@ -115,11 +136,16 @@ def test_a_silent_running_trial_is_failed_after_the_grace_period_and_a_beating_o
     queue.queue_missing(spec(), study)
     silent, beating = queue.take_queued(study), queue.take_queued(study)
     storage.record_heartbeat(silent._trial_id)
-    with queue.Heartbeat(storage, beating):
+    with queue.Heartbeat(storage, beating) as beat:
+        assert beat.thread.daemon  # a beat never keeps a dying worker's process alive
         assert queue.fail_stale(study, storage) == 0  # both beat within the grace period
         time.sleep(3)
         assert queue.fail_stale(study, storage) == 1
     assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.RUNNING]
+    assert queue.BEAT not in study.trials[beating.number].system_attrs  # Optuna's own heartbeats, not ours
+    time.sleep(3)  # its beats stopped: now it is the silent one
+    assert queue.fail_stale(study, storage) == 1
+    assert study.trials[beating.number].state == TrialState.FAIL
 
 
 def test_without_native_heartbeats_the_wall_clock_beat_decides(tmp_path, monkeypatch):

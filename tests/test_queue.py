@@ -16,7 +16,7 @@ import pytest
 from optuna.trial import TrialState
 
 from bench import queue
-from bench.errors import StudyError
+from bench.errors import BenchError, StudyError
 from bench.spec import parse_spec
 
 pytestmark = pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")
@@ -189,9 +189,39 @@ def test_the_wall_clock_rule_counts_every_dead_trial_and_falls_back_to_the_start
 
 def test_a_storage_that_cannot_be_opened_is_one_line_naming_the_fix(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(StudyError, match=r"^cannot open Optuna storage sqlite:///.*; check that .*file is a writable "
-                                         r"directory \(--results\)$"):
+    with pytest.raises(StudyError) as caught:
         queue.open_storage(f"sqlite:///{tmp_path / 'file' / 'optuna.db'}")
+    assert str(caught.value) == (f"cannot open Optuna storage sqlite:///{tmp_path}/file/optuna.db: [Errno 17] File "
+                                 f"exists: '{tmp_path}/file'; check that {tmp_path}/file is a writable directory "
+                                 "(--results)")
+    with pytest.raises(BenchError) as caught:
+        queue.open_storage("postgresql+nosuchdriver://user@host/db")
+    assert str(caught.value) == ("Optuna storage postgresql+nosuchdriver://user@host/db needs a postgresql driver "
+                                 "(nosuchdriver), which is not installed: pip install -e \".[scale]\"")
+
+
+def test_a_sqlite_storage_beats_waits_for_the_lock_and_takes_it_as_each_transaction_begins(tmp_path):
+    import sqlite3
+
+    storage = queue.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert (storage.heartbeat_interval, storage.grace_period) == (queue.HEARTBEAT_S, queue.GRACE_S)
+    assert not storage.engine.pool._pre_ping  # a file has no connection to lose
+    raw = storage.engine.raw_connection()
+    assert raw.cursor().execute("PRAGMA busy_timeout").fetchone() == (60_000,)  # a busy store is waited for
+    raw.close()
+    with storage.engine.connect() as conn, conn.begin():  # BEGIN IMMEDIATE: the write lock, before any write
+        other = sqlite3.connect(tmp_path / "optuna.db", timeout=0)
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            other.execute("CREATE TABLE probe (x)")
+        other.close()
+
+
+def test_a_journal_storage_lives_at_its_path_its_folders_created(tmp_path):
+    path = tmp_path / "a" / "b" / "optuna.log"
+    for _ in range(2):  # a second open finds the folders there
+        storage = queue.open_storage(f"journal:{path}")
+    optuna.create_study(study_name="j", storage=storage)
+    assert path.is_file() and path.stat().st_size > 0
 
 CLAIMER = textwrap.dedent("""
     import json, os, sys, time

@@ -167,3 +167,24 @@ def test_a_run_its_worker_could_not_end_is_ended_by_the_coordinator_and_only_for
     assert client.get_run(runs["here:1"]).data.tags[tracking.FAIL_REASON] == "interrupted by the user"
     sweep._end_orphaned_runs(spec, url, uri, set())  # no local workers: nothing to end, no error
     sweep._end_orphaned_runs(spec, f"sqlite:///{tmp_path / 'missing' / 'x.db'}", uri, {"here:1"})  # never raises
+
+
+def test_on_cuda_the_device_generator_is_saved_and_restored_on_that_device(monkeypatch):
+    """No GPU here: torch.cuda's two calls are recorded instead, to check the wiring (which
+    state is kept under which key, restored to which device); a GPU run exercises the real ones."""
+    from types import SimpleNamespace
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.arange(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", state, device)))
+    gpu, order = SimpleNamespace(type="cuda", index=1), torch.Generator().manual_seed(0)
+    saved = train._rng_states(gpu, order)
+    assert set(saved) == {"torch", "order", "cuda"} and torch.equal(saved["cuda"], torch.arange(4))
+    assert calls == [("get", gpu)]
+    train._set_rng_states(saved, gpu, order)
+    assert calls[1][0] == "set" and torch.equal(calls[1][1], torch.arange(4)) and calls[1][2] is gpu
+    calls.clear()
+    train._set_rng_states({k: v for k, v in saved.items() if k != "cuda"}, gpu, order)  # saved on a CPU
+    train._set_rng_states(saved, torch.device("cpu"), order)  # a CUDA state resumed on a CPU: not applied
+    assert calls == []
+    assert set(train._rng_states(torch.device("cpu"), order)) == {"torch", "order"}

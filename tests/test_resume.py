@@ -188,3 +188,14 @@ def test_on_cuda_the_device_generator_is_saved_and_restored_on_that_device(monke
     train._set_rng_states(saved, torch.device("cpu"), order)  # a CUDA state resumed on a CPU: not applied
     assert calls == []
     assert set(train._rng_states(torch.device("cpu"), order)) == {"torch", "order"}
+
+
+def test_every_running_run_of_a_dead_trial_is_failed_even_one_that_never_got_its_trial_number(mlflow_uri):
+    client = tracking.connect(mlflow_uri)
+    exp_id = tracking.experiment_id(client, "s")
+    dead = [trial_run(client, exp_id, name=f"dead {n}", **{tracking.TRIAL: n}) for n in (0, 2)]
+    live = trial_run(client, exp_id, name="live", **{tracking.TRIAL: 1})
+    untagged = tracking.start_trial_run(client, exp_id, RunConfig(), run_name="untagged", tags={tracking.STUDY: "s"})
+    assert tracking.fail_orphaned_runs(client, exp_id, "s", live_trials={1}) == 3
+    assert [client.get_run(r).info.status for r in (*dead, untagged)] == ["FAILED"] * 3
+    assert client.get_run(live).info.status == "RUNNING"

@@ -3,6 +3,7 @@ worker killed mid-trial and resumed to the same numbers, is test_recovery's): th
 training state, the random states, the run a retried trial continues, and the runs an
 interrupted worker leaves RUNNING."""
 
+import optuna
 import pytest
 import torch
 from optuna.trial import TrialState
@@ -151,11 +152,13 @@ def test_a_run_its_worker_could_not_end_is_ended_by_the_coordinator_and_only_for
     study, exp_id, parent = sweep.prepare(spec, url, uri)
     client = tracking.connect(uri)
     runs = {}
-    for name in ("here:1", "here:2", "elsewhere:1", "here:done"):  # interrupted, each left its run RUNNING
+    for name in ("here:1", "here:2", "elsewhere:1", "here:done", "here:running"):  # each left its run RUNNING
         trial = study.ask()
-        trial.set_user_attr(queue.WORKER, name.replace(":done", ":1"))
-        study.tell(trial, state=TrialState.FAIL if name != "here:done" else TrialState.COMPLETE,
-                   values=None if name != "here:done" else 1.0)
+        trial.set_user_attr(queue.WORKER, name.replace(":done", ":1").replace(":running", ":2"))
+        if name == "here:done":
+            study.tell(trial, 1.0)
+        elif name != "here:running":  # Optuna still counts that one running: the next start decides
+            study.tell(trial, state=TrialState.FAIL)
         runs[name] = tracking.start_trial_run(client, exp_id, RunConfig(), run_name=name, parent_run_id=parent,
                                               tags={tracking.STUDY: spec.name, tracking.TRIAL: trial.number})
     tracking.end_run(client, runs["here:done"], "FINISHED")
@@ -163,10 +166,14 @@ def test_a_run_its_worker_could_not_end_is_ended_by_the_coordinator_and_only_for
     sweep._end_orphaned_runs(spec, url, uri, {"here:1", "here:2"})
 
     status = {w: client.get_run(r).info.status for w, r in runs.items()}
-    assert status == {"here:1": "KILLED", "here:2": "KILLED", "elsewhere:1": "RUNNING", "here:done": "FINISHED"}
+    assert status == {"here:1": "KILLED", "here:2": "KILLED", "elsewhere:1": "RUNNING", "here:done": "FINISHED",
+                      "here:running": "RUNNING"}
     assert client.get_run(runs["here:1"]).data.tags[tracking.FAIL_REASON] == "interrupted by the user"
     sweep._end_orphaned_runs(spec, url, uri, set())  # no local workers: nothing to end, no error
-    sweep._end_orphaned_runs(spec, f"sqlite:///{tmp_path / 'missing' / 'x.db'}", uri, {"here:1"})  # never raises
+    other = tmp_path / "other"
+    new_store(other)
+    sweep._end_orphaned_runs(spec, f"sqlite:///{other / 'optuna.db'}", uri, {"here:1"})  # no such study: no error
+    assert optuna.get_all_study_names(storage=f"sqlite:///{other / 'optuna.db'}") == []  # and none created
 
 
 def test_on_cuda_the_device_generator_is_saved_and_restored_on_that_device(monkeypatch):

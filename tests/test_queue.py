@@ -94,8 +94,15 @@ def test_the_refusal_names_up_to_four_changes_and_both_ways_out(study):
     assert message.startswith("study 'queue' already holds cell latent=2,seed=0 trained with other values (")
     assert message.endswith("); give the changed spec a new [study] name, or pass --restart to delete this "
                             "study's trials and runs and start over")
-    listed = message.split(" (", 1)[1].split("); ", 1)[0].split("; ")
-    assert len(listed) == 4 and all(" -> " in change for change in listed)
+    old = json.loads(study.trials[0].user_attrs[queue.IDENTITY])
+    changes = queue.identity_changes(old, queue.identity(changed, changed.cells()[0]))
+    assert len(changes) == 5 and f"values ({'; '.join(changes[:4])}); give" in message
+
+
+def test_a_slot_already_waiting_does_not_stop_the_ones_after_it_from_being_queued(study):
+    study.enqueue_trial(params={"latent": 2, "seed": 0}, user_attrs={queue.CELL: "latent=2,seed=0", queue.SLOT: 0})
+    assert queue.queue_missing(spec(), study) == (1, 0)  # latent=4, after the waiting latent=2
+    assert sorted(t.user_attrs[queue.CELL] for t in study.get_trials()) == ["latent=2,seed=0", "latent=4,seed=0"]
 
 
 def test_a_trial_from_before_slots_and_identities_counts_as_slot_0(study):

@@ -162,15 +162,21 @@ def study_seconds(spec_path: str, stack: int, workers: int) -> tuple[float, floa
     return wall, training
 
 
-def iwae_rate(data, k: int, images: int) -> float:
+def _iwae(data, k: int, images: int):
+    """(model, images, our log p(x) per image, images/s) of `iwae_log_likelihood` at k."""
     from bench.evaluate import iwae_log_likelihood
     from bench.models import create_model
 
+    torch.manual_seed(0)
     model = create_model(_config(data), data.image_shape, data.num_classes).eval()
     x = data.test.x[:images]
     started = time.perf_counter()
-    iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0))
-    return images / (time.perf_counter() - started)
+    log_px = iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0))
+    return model, x, log_px, images / (time.perf_counter() - started)
+
+
+def iwae_rate(data, k: int, images: int) -> float:
+    return _iwae(data, k, images)[3]
 
 
 def pythae_rate(data) -> float:
@@ -186,15 +192,8 @@ def nll_against_pythae(data, k: int, images: int) -> dict:
     """Ours and pythae's get_nll on the same weights and images: images/s of each, and the
     paired gap in nats with its standard error."""
     from bench import peers
-    from bench.evaluate import iwae_log_likelihood
-    from bench.models import create_model
 
-    torch.manual_seed(0)
-    model = create_model(_config(data), data.image_shape, data.num_classes).eval()
-    x = data.test.x[:images]
-    started = time.perf_counter()
-    ours = iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0))
-    ours_rate = images / (time.perf_counter() - started)
+    model, x, ours, ours_rate = _iwae(data, k, images)
     theirs, seconds = peers.log_likelihood(model, x, k)
     return {"ours_images_per_s": ours_rate, "pythae_images_per_s": images / seconds,
             **peers.agreement(ours, theirs)}
@@ -242,7 +241,8 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
                               ("iwae_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20))):
             samples.setdefault(name, []).append(measure())
     from bench import peers
-    if peers.available():  # the peer interleaved with ours, round by round
+    with_peers = peers.available()
+    if with_peers:  # the peer interleaved with ours, round by round
         for _ in range(rounds):
             samples.setdefault("pythae_samples_per_s", []).append(pythae_rate(data))
         nll = [nll_against_pythae(data, 5000, 5 if quick else 20) for _ in range(rounds)]
@@ -265,7 +265,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
                 "notes": [f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
                           f"roofline: the step's matmuls alone at batch {BATCH} x {best} on as many threads",
                           "the gemm+ew bound counts one pass per elementwise op; an approximation"]})
-    if peers.available():
+    if with_peers:
         out["pythae_samples_per_s"] = statistics.median(samples["pythae_samples_per_s"])
         out["speedup_vs_pythae"] = out["trainer_samples_per_s"] / out["pythae_samples_per_s"]
         out["speedup_vs_pythae_nll"] = statistics.median(r["ours_images_per_s"] / r["pythae_images_per_s"] for r in nll)

@@ -77,8 +77,8 @@ def _scores(module: str, tests: list[str], work: Path) -> dict:
     listing = subprocess.run([sys.executable, "-m", "mutmut", "results", "--all", "true"], cwd=work,
                              capture_output=True, text=True).stdout
     statuses = dict(re.findall(r"^\s+(\S+): (.+)$", listing, flags=re.M))
-    if _selected(module):
-        statuses = {n: s for n, s in statuses.items() if any(fnmatch.fnmatch(n, p) for p in _selected(module))}
+    if patterns := _selected(module):
+        statuses = {n: s for n, s in statuses.items() if any(fnmatch.fnmatch(n, p) for p in patterns)}
     killed = sum(1 for s in statuses.values() if s == "killed")
     # a mutant no test runs ("no tests") survives as surely as one the tests pass: both count
     survived = sorted(name for name, s in statuses.items() if s in ("survived", "no tests"))
@@ -137,7 +137,6 @@ def _diff(work: Path, name: str) -> str:
 def main(modules: list[str], rescore: bool = False) -> None:
     OUT.mkdir(parents=True, exist_ok=True)
     path = OUT / "scores.json"
-    scores = json.loads(path.read_text()) if path.exists() else {}
     for module in modules or list(TARGETS):
         print(f"mutating {module} ...", flush=True)
         result = run_module(module, TARGETS[module], rescore)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import quality  # noqa: F401  (registers the sample-quality metrics)
+from bench.fuse import likelihood_for
 from bench.models.vae import gaussian_kl, importance_terms, log_normal
 from bench.registry import METRICS
 
@@ -89,18 +90,20 @@ def elbo_terms(model, x, y=None, generator=None) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def iwae_log_likelihood(model, x, y=None, k: int = 5000, generator=None,
-                        max_elements: int = 2**20) -> torch.Tensor:
+                        max_elements: int = 2**20, likelihood=None) -> torch.Tensor:
     """Importance-sampled log p(x) per image (float64 nats): log mean_k p(x, z_k) / q(z_k|x)
     with z_k ~ q(z|x). A lower bound on average that tightens as k grows (Burda et al. 2015).
     Samples are drawn in chunks of about `max_elements` pixels (4 MB in float32: 2.6-3.2x faster
-    than 64 MB chunks on this CPU, measured 2026-12-03); the log-sum-exp runs in float64."""
+    than 64 MB chunks on this CPU, measured 2026-12-03); the log-sum-exp runs in float64.
+    `likelihood`: the model's own run another way (`bench.fuse.likelihood_for`)."""
     y = _labels(model, y)
     mu, sigma = model.encode(x, y)
     b, pixels = x.shape[0], x[0].numel()
     chunk = max(1, min(k, max_elements // max(1, b * pixels)))
     parts = []
     for start in range(0, k, chunk):
-        log_px_z, log_ratio = importance_terms(model, x, y, mu, sigma, min(chunk, k - start), generator)
+        log_px_z, log_ratio = importance_terms(model, x, y, mu, sigma, min(chunk, k - start), generator,
+                                             likelihood=likelihood)
         parts.append(torch.logsumexp((log_px_z + log_ratio).double(), 0))
     return torch.logsumexp(torch.stack(parts), 0) - math.log(k)
 
@@ -126,8 +129,9 @@ def nll_metric(model, x, y, ctx):
     k = ctx["k"]
     total = 0.0
     batch = max(1, min(ctx["batch_size"], 2**22 // max(1, k)))
+    likelihood = likelihood_for(model, n * k * x[0].numel(), x.device)
     for xb, yb in _batches(x[:n], None if y is None else y[:n], batch):
-        total -= float(iwae_log_likelihood(model, xb, yb, k, ctx["generator"]).sum())
+        total -= float(iwae_log_likelihood(model, xb, yb, k, ctx["generator"], likelihood=likelihood).sum())
     return {"nll": total / n, "nll_k": float(k), "nll_n": float(n)}
 
 
@@ -144,9 +148,10 @@ def nll_marginal_metric(model, x, y, ctx):
     log_prior = (counts[labels] / counts.sum()).log().to(x.device)
     total = 0.0
     batch = max(1, min(ctx["batch_size"], 2**22 // max(1, k)))
+    likelihood = likelihood_for(model, len(labels) * n * k * x[0].numel(), x.device)
     for xb, _ in _batches(x[:n], None, batch):
         log_px_y = torch.stack([iwae_log_likelihood(model, xb, torch.full((len(xb),), c, device=x.device),
-                                                    k, ctx["generator"]) for c in labels])
+                                                    k, ctx["generator"], likelihood=likelihood) for c in labels])
         total -= float(torch.logsumexp(log_px_y + log_prior[:, None], 0).sum())
     return {"nll_marginal": total / n}
 

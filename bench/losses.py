@@ -26,6 +26,9 @@ def _per_image(t: torch.Tensor) -> torch.Tensor:
 
 class Likelihood(nn.Module):
     support = "real"  # binary ({0,1}^D) | unit (density on [0,1]^D) | real (density on R^D)
+    # large IWAE evaluations compile it into one pass (bench.fuse): measured 1.2-2x faster at
+    # k = 5000 for seed-bce, mse, gaussian, cbernoulli and laplace (2026-12-03)
+    fuses = True
 
     @property
     def proper_on(self) -> str:
@@ -43,6 +46,7 @@ class Bernoulli(Likelihood):
     """Bernoulli: -sum x log p + (1-x) log(1-p), computed from logits (exact at any logit)."""
 
     support = "binary"
+    fuses = False  # already one ATen kernel: compiled it measured no faster (32.7 vs 33.5 images/s)
 
     def forward(self, logits, x):
         return _per_image(F.binary_cross_entropy_with_logits(logits, x, reduction="none"))

@@ -10,7 +10,9 @@ percent between runs, so only ratios measured together mean anything). The net i
 - `gemm_ew_samples_per_s`: those plus one pass per elementwise op the step cannot avoid
   (activations and their gradients, the reparameterisation, the loss, one Adam pass);
 - `gemm_ew_fraction`: trainer / the gemm+ew bound;
-- `iwae_images_per_s`: `iwae_log_likelihood` at k = 5000 on the same net;
+- `iwae_images_per_s`: `iwae_log_likelihood` at k = 5000 on the same net, eager, and
+  `iwae_fused_images_per_s` with its likelihood compiled (`bench.fuse`: what evaluations of
+  FUSE_ABOVE values or more use), after a compile of `iwae_compile_s` seconds;
 - `tracking_overhead`: a tracked trial (MLflow) / the same trial untracked, minus 1;
 - `stacked`: summed samples/s of N = 1, 4, 16, 64 seed trials trained as one stack on every
   core, `stacked_speedup` (best / N = 1) and `stacked_roofline_fraction` (best / the step's
@@ -19,7 +21,8 @@ percent between runs, so only ratios measured together mean anything). The net i
   `default_sweep_speedup` (the default study one trial at a time / stacked, 2 workers): whole
   studies, so only without --quick;
 - `peak_rss_mb` of this process.
-- `pythae_samples_per_s`, `speedup_vs_pythae`, `speedup_vs_pythae_nll` and `nll_vs_pythae`: pythae
+- `pythae_samples_per_s`, `speedup_vs_pythae`, `speedup_vs_pythae_nll` (eager and `_fused`) and
+  `nll_vs_pythae`: pythae
   0.1.2 (optional extra `peers`) on the same net and weights, interleaved with ours.
 Figures this does not measure are null with a note (pythae when it is not installed).
 """
@@ -162,21 +165,27 @@ def study_seconds(spec_path: str, stack: int, workers: int) -> tuple[float, floa
     return wall, training
 
 
-def _iwae(data, k: int, images: int):
-    """(model, images, our log p(x) per image, images/s) of `iwae_log_likelihood` at k."""
+def _iwae(data, k: int, images: int, fused: bool = False):
+    """(model, images, our log p(x) per image, images/s, compile seconds) of `iwae_log_likelihood`
+    at k, eager or with the compiled likelihood (`bench.fuse`, compiled first on 2 images)."""
     from bench.evaluate import iwae_log_likelihood
+    from bench.fuse import Fused, repeated
     from bench.models import create_model
 
     torch.manual_seed(0)
     model = create_model(_config(data), data.image_shape, data.num_classes).eval()
-    x = data.test.x[:images]
+    x, likelihood, compile_s = data.test.x[:images], repeated(model.likelihood), 0.0
+    if fused:
+        likelihood, started = Fused(model.likelihood), time.perf_counter()
+        iwae_log_likelihood(model, x[:2], k=64, likelihood=likelihood)
+        compile_s = time.perf_counter() - started
     started = time.perf_counter()
-    log_px = iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0))
-    return model, x, log_px, images / (time.perf_counter() - started)
+    log_px = iwae_log_likelihood(model, x, k=k, generator=torch.Generator().manual_seed(0), likelihood=likelihood)
+    return model, x, log_px, images / (time.perf_counter() - started), compile_s
 
 
-def iwae_rate(data, k: int, images: int) -> float:
-    return _iwae(data, k, images)[3]
+def iwae_rate(data, k: int, images: int, fused: bool = False) -> float:
+    return _iwae(data, k, images, fused)[3]
 
 
 def pythae_rate(data) -> float:
@@ -193,9 +202,11 @@ def nll_against_pythae(data, k: int, images: int) -> dict:
     paired gap in nats with its standard error."""
     from bench import peers
 
-    model, x, ours, ours_rate = _iwae(data, k, images)
+    model, x, ours, ours_rate, _ = _iwae(data, k, images)
+    _, _, fused, fused_rate, compile_s = _iwae(data, k, images, fused=True)
     theirs, seconds = peers.log_likelihood(model, x, k)
-    return {"ours_images_per_s": ours_rate, "pythae_images_per_s": images / seconds,
+    return {"ours_images_per_s": ours_rate, "ours_fused_images_per_s": fused_rate, "compile_s": compile_s,
+            "fused_max_gap": float((fused - ours).abs().max()), "pythae_images_per_s": images / seconds,
             **peers.agreement(ours, theirs)}
 
 
@@ -238,7 +249,8 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
                               ("naive_samples_per_s", lambda: naive_rate(data)),
                               ("gemm_samples_per_s", lambda: gemm_rate(d, False, steps)),
                               ("gemm_ew_samples_per_s", lambda: gemm_rate(d, True, steps)),
-                              ("iwae_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20))):
+                              ("iwae_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20)),
+                              ("iwae_fused_images_per_s", lambda: iwae_rate(data, 5000, 5 if quick else 20, True))):
             samples.setdefault(name, []).append(measure())
     from bench import peers
     with_peers = peers.available()
@@ -261,6 +273,7 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     out["speedup_vs_naive"] = out["trainer_samples_per_s"] / out["naive_samples_per_s"]
     out["tracking_overhead"] = None if quick else tracking_overhead(data)
     out.update({"pythae_samples_per_s": None, "speedup_vs_pythae": None, "speedup_vs_pythae_nll": None,
+                "speedup_vs_pythae_nll_fused": None, "iwae_compile_s": None,
                 "nll_vs_pythae": None, "default_sweep_speedup": None, "sweep_overhead": None,
                 "notes": [f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
                           f"roofline: the step's matmuls alone at batch {BATCH} x {best} on as many threads",
@@ -269,6 +282,9 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
         out["pythae_samples_per_s"] = statistics.median(samples["pythae_samples_per_s"])
         out["speedup_vs_pythae"] = out["trainer_samples_per_s"] / out["pythae_samples_per_s"]
         out["speedup_vs_pythae_nll"] = statistics.median(r["ours_images_per_s"] / r["pythae_images_per_s"] for r in nll)
+        out["speedup_vs_pythae_nll_fused"] = statistics.median(r["ours_fused_images_per_s"] / r["pythae_images_per_s"]
+                                                               for r in nll)
+        out["iwae_compile_s"] = statistics.median(r["compile_s"] for r in nll)
         out["nll_vs_pythae"] = nll[-1]
         out["notes"].append("pythae 0.1.2: its BaseTrainer.train_step and get_nll (k = 5000) on the same net and "
                             "weights; nll_vs_pythae: mean log p(x) of both on the same images, paired gap and its se")

@@ -11,7 +11,7 @@ from bench import perf
 def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
     result = perf.run(quick=True, rounds=1)
     for key in ("trainer_samples_per_s", "naive_samples_per_s", "gemm_samples_per_s", "gemm_ew_samples_per_s",
-                "iwae_images_per_s", "peak_rss_mb"):
+                "iwae_images_per_s", "iwae_fused_images_per_s", "peak_rss_mb"):
         assert result[key] > 0 and math.isfinite(result[key]), key
     assert result["gemm_ew_fraction"] == pytest.approx(result["trainer_samples_per_s"] / result["gemm_ew_samples_per_s"])
     table = perf.markdown(result)
@@ -25,6 +25,8 @@ def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
         ratio = result["trainer_samples_per_s"] / result["pythae_samples_per_s"]
         assert result["speedup_vs_pythae"] == pytest.approx(ratio)
         assert result["speedup_vs_pythae_nll"] > 0 and "pythae" in result["nll_vs_pythae"]
+        assert result["speedup_vs_pythae_nll_fused"] > 0 and result["iwae_compile_s"] >= 0
+        assert result["nll_vs_pythae"]["fused_max_gap"] < 1e-3  # compiled or not, the same log p(x)
         assert "| `speedup_vs_pythae` |" in table
     else:
         assert result["pythae_samples_per_s"] is None and "pythae: not installed" in table

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from bench.registry import MODELS
@@ -29,18 +28,20 @@ def log_normal(z: torch.Tensor, mu: torch.Tensor | float = 0.0, sigma: torch.Ten
     return (-0.5 * ((z - mu) / sigma) ** 2 - torch.log(sigma) - 0.5 * LOG_2PI).sum(-1)
 
 
-def importance_terms(model, x, y, mu, sigma, n: int, generator=None,
-                     eps: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def importance_terms(model, x, y, mu, sigma, n: int, generator=None, eps: torch.Tensor | None = None,
+                     likelihood=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x|z_i), log p(z_i) - log q(z_i|x)), each (n, B), for n draws z_i ~ q(z|x) (or
     z_i = mu + sigma * eps[i] for given noise): the log importance weights, split so the IWAE
     bound can weight the second part (beta). The one place they are computed, for the IWAE's
     training bound and the evaluation's log p(x). The decoder sees an image's n draws as
-    consecutive rows, so a stacked model's rows stay grouped by trial."""
+    consecutive rows, so a stacked model's rows stay grouped by trial. `likelihood(logits, x, n)`
+    replaces the model's own by the same function run another way (`bench.fuse`)."""
     if eps is None:
         eps = torch.randn((n, *mu.shape), generator=generator, device=mu.device, dtype=mu.dtype)
     z = mu + sigma * eps                                                  # (n, B, latent)
     logits = model.decode(z.transpose(0, 1).flatten(0, 1), None if y is None else y.repeat_interleave(n))
-    log_px_z = -model.likelihood(logits, x.repeat_interleave(n, 0)).view(x.shape[0], n).T
+    nll = model.likelihood(logits, x.repeat_interleave(n, 0)) if likelihood is None else likelihood(logits, x, n)
+    log_px_z = -nll.view(x.shape[0], n).T
     return log_px_z, log_normal(z) - log_normal(z, mu, sigma)
 
 

@@ -21,7 +21,7 @@ import pandas as pd
 from bench import locations, tracking
 from bench.report.document import (best_trials_table, caption, differences_table, latex_table, other_trials_table,
                                    render, summary_table)
-from bench.report.figures import (DPI, Context, figure_curves, figure_heatmap, figure_metrics,
+from bench.report.figures import (DPI, context_of, figure_curves, figure_heatmap, figure_metrics,
                                   figure_rate_distortion, figure_seconds, figure_seed, search_figures, varies)
 from bench.report.runs import (ReportError, latest_experiment, load_curves, load_runs, open_store,
                                optuna_study, run_images, study_tags)
@@ -61,7 +61,7 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
     out = results / "reports" / safe_name
     (out / "figures").mkdir(parents=True, exist_ok=True)
-    axes, done, context = grid_axes(runs), finished(runs), Context.of(runs)
+    axes, done, context = grid_axes(runs), finished(runs), context_of(runs)
     summary, paired = summarize(runs), paired_differences(runs)
     for name, frame in (("runs", runs), ("summary", summary), ("differences", paired)):
         frame.to_csv(out / f"{name}.csv", index=False)
@@ -100,14 +100,9 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
 def _figures(axes: list[str], done: pd.DataFrame, compares: bool) -> dict:
     """The FIGURES that fit this grid: metrics against latent size where the grid varies it, else
     per cell; the heatmap only over loss or latent; the pictures only where bce meets mse."""
-    if not axes:
-        return {}
-    drop = {"test_metrics" if varies(done, axes) else "metrics_vs_latent"}
-    if not {"loss", "latent"} & set(axes):
-        drop.add("objective_heatmap")
-    if not compares:
-        drop.add("bce_vs_mse_pictures")
-    return {name: entry for name, entry in FIGURES.items() if name not in drop}
+    fits = {"metrics_vs_latent": varies(done, axes), "test_metrics": not varies(done, axes),
+            "objective_heatmap": bool({"loss", "latent"} & set(axes)), "bce_vs_mse_pictures": compares}
+    return {name: entry for name, entry in FIGURES.items() if axes and fits.get(name, True)}
 
 
 def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:
@@ -120,7 +115,7 @@ def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:
             "link": path.relative_to(out).as_posix(), "data": base64.b64encode(path.read_bytes()).decode()}
 
 
-def _search(study, spec: dict, runs: pd.DataFrame, context: Context, out: Path) -> dict:
+def _search(study, spec: dict, runs: pd.DataFrame, context, out: Path) -> dict:
     """The search's settings, best finished trials, Optuna's importances and plots."""
     params = list(spec["search"]["params"])
     completed = runs[runs["state"] == "FINISHED"]
@@ -162,8 +157,7 @@ def _importances(study, params: list[str]):
     from optuna.importance import FanovaImportanceEvaluator, get_param_importances
 
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             found = get_param_importances(study, params=params, evaluator=FanovaImportanceEvaluator(seed=0))
     except (ValueError, RuntimeError):
         return None

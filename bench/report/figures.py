@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from types import SimpleNamespace
 
 import matplotlib
 
@@ -32,26 +32,16 @@ MARKERS = ["o", "s", "^", "D", "v", "P"]
 CONDITIONAL_NOTE = caption("conditional")
 
 
-@dataclass
-class Context:
-    """What every caption names: the data, the budget and the seeds behind the numbers."""
+def context_of(runs: pd.DataFrame) -> SimpleNamespace:
+    """What every caption names: the data, the budget, the seeds and the objective behind the numbers."""
+    def values(column):
+        return sorted(set(runs[column].dropna())) if column in runs else []
 
-    dataset: str
-    binarize: str
-    epochs: str
-    seeds: list[int]
-    objective: str = ""
-    direction: str = ""
-
-    @classmethod
-    def of(cls, runs: pd.DataFrame) -> "Context":
-        def values(column):
-            return sorted(set(runs[column].dropna())) if column in runs else []
-
-        epochs = values("epochs")
-        return cls(", ".join(map(str, values("dataset"))), ", ".join(map(str, values("binarize"))),
-                   (str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}") if epochs else "?",
-                   [int(s) for s in values("seed")], *study_objective(runs))
+    (objective, direction), epochs = study_objective(runs), values("epochs") or ["?"]
+    return SimpleNamespace(dataset=", ".join(map(str, values("dataset"))),
+                           binarize=", ".join(map(str, values("binarize"))), seeds=[int(s) for s in values("seed")],
+                           epochs=str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}",
+                           objective=objective, direction=direction)
 
 
 def varies(frame: pd.DataFrame, axes: list[str], axis: str = "latent") -> bool:
@@ -81,9 +71,9 @@ def _counts(done: pd.DataFrame, by: list[str]) -> tuple[int, int]:
 
 
 def _captioned(fig: Figure, title: str, name: str, done: pd.DataFrame, **values) -> tuple[Figure, str]:
-    """`fig` with its title (formatted with `c`, the Context of `done`, the runs drawn) and the
+    """`fig` with its title (formatted with `c` = `context_of(done)`, the runs drawn) and the
     caption `name` of captions.j2 on the same `c` and `values`."""
-    context = Context.of(done)
+    context = context_of(done)
     fig.suptitle(title.format(c=context), fontsize=12)
     return fig, caption(name, c=context, **values)
 
@@ -137,8 +127,7 @@ def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> t
     done = done.assign(_series=_labels(done, [a for a in axes if a != x] if numeric else axes, panels),
                        _x=done[x] if numeric else 0)
     colors, styles = _styles(done, done["_series"])
-    series = list(colors)
-    improper_seen = False
+    series, improper_seen = list(colors), False
     with sns.axes_style("whitegrid"):
         fig, grid = _panels(len(panels), 4.2)
         for ax, metric in zip(grid.flat, panels):
@@ -217,7 +206,7 @@ def figure_heatmap(runs: pd.DataFrame) -> tuple[Figure, str] | None:
     done, axes = finished(runs), grid_axes(runs)
     if not study_objective(runs)[0] or done["objective"].notna().sum() == 0:
         return None
-    context = Context.of(done)
+    context = context_of(done)
     done = done.assign(_facet=_labels(done, [a for a in axes if a not in ("loss", "latent")],
                                       [context.objective]))
     nats = facts(context.objective)["likelihood"]
@@ -344,15 +333,13 @@ def search_figures(study, params: list[str], objective: str) -> dict[str, tuple[
     from optuna.visualization import matplotlib as plots
 
     def draw(name, plot, height, **kwargs):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             try:
                 axes = plot(study, **kwargs)
             except (ValueError, RuntimeError) as error:
                 return f"Optuna could not draw it ({str(error).splitlines()[0]})"
         fig = np.ravel(axes)[0].figure
-        fig.set_size_inches(WIDTH_IN, height)
-        fig.set_dpi(DPI)
+        fig.set(size_inches=(WIDTH_IN, height), dpi=DPI)
         plt.close(fig)  # drawn and saved like the others, not kept by pyplot
         return fig, caption(name, objective=objective, completed=completed)
 

@@ -160,8 +160,7 @@ def optuna_study(storage: str, name: str):
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(action="ignore"):
             study = optuna.load_study(study_name=name, storage=storage)
     except Exception:  # noqa: BLE001 - no such study, or no storage at that URL: no search section
         return None, {}

@@ -6,7 +6,6 @@ over the cells of a metric. What a metric is comes from its METRICS registry ent
 
 from __future__ import annotations
 
-import functools
 import math
 
 import numpy as np
@@ -94,7 +93,7 @@ def groups(frame: pd.DataFrame, by: list[str]):
 def cell_label(frame: pd.DataFrame, axes: list[str]) -> pd.Series:
     """"vae · bce · latent=32": strings as they are, numbers named; the model when no axis is left."""
     parts = [frame[a].map(lambda v, a=a: str(v) if isinstance(v, str) else f"{a}={v:g}") for a in axes or ["model"]]
-    return functools.reduce(lambda label, part: label + " · " + part, parts)
+    return parts[0].str.cat(parts[1:], sep=" · ")
 
 
 def summarize(runs: pd.DataFrame, metrics=SUMMARY_METRICS, by: list[str] | None = None) -> pd.DataFrame:
@@ -108,10 +107,8 @@ def summarize(runs: pd.DataFrame, metrics=SUMMARY_METRICS, by: list[str] | None 
     for keys, group in groups(finished(runs), by):
         proper = bool(group["proper_density"].eq(True).all())
         conditional = bool(group["model"].map(conditional_model).all())
-        for metric in metrics:
+        for metric in (m for m in metrics if group[m].notna().any()):
             values = group[metric].dropna()
-            if values.empty:
-                continue
             fact, n = facts(objective if metric == "objective" else metric), len(values)
             if metric == "objective":
                 fact["better"] = "higher" if direction == "maximize" else "lower"

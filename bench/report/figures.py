@@ -150,9 +150,8 @@ def figure_metrics(runs: pd.DataFrame, metrics=HEADLINE, x: str = "latent") -> t
             if numeric:
                 ticks = sorted(done[x].unique())
                 ax.set_xscale("log", base=2)
-                ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+                ax.set(xticks=ticks, xticklabels=[f"{t:g}" for t in ticks], xlabel=x)
                 ax.minorticks_off()
-                ax.set_xlabel(x)
             else:
                 ax.set_xticks(range(len(series)), series, rotation=30, ha="right", fontsize=8)
                 ax.set_xlim(-0.5, len(series) - 0.5)
@@ -255,8 +254,7 @@ def figure_rate_distortion(runs: pd.DataFrame) -> tuple[Figure, str] | None:
                                 fontsize=8, xytext=(4, 4), textcoords="offset points")
             proper = _proper(part["proper_density"])
             ax.set_title(f"loss {loss}" + ("" if proper else " (not a density on this data)"), fontsize=11)
-            ax.set_xlabel("rate: test/kl (nats)")
-            ax.set_ylabel(f"distortion: test/recon (nats under {loss})")
+            ax.set(xlabel="rate: test/kl (nats)", ylabel=f"distortion: test/recon (nats under {loss})")
         _legend(fig, [Line2D([], [], color=c, marker="o", label=s) for s, c in colors.items()], ncol=6)
     return _captioned(fig, "Rate vs distortion — {c.dataset} ({c.binarize})", "rate_distortion", done,
                       n=_counts(done, axes), lines=varies(done, axes), marked=_marked(colors),
@@ -276,8 +274,7 @@ def figure_seconds(runs: pd.DataFrame) -> tuple[Figure, str] | None:
         sns.barplot(done, y="cell_", x="trial_seconds", order=cells, errorbar="sd", ax=ax,
                     color=sns.color_palette("colorblind")[0], alpha=0.6)
         sns.stripplot(done, y="cell_", x="trial_seconds", order=cells, ax=ax, color="black", size=4)
-        ax.set_xlabel("seconds per trial (lower is faster)")
-        ax.set_ylabel("")
+        ax.set(xlabel="seconds per trial (lower is faster)", ylabel="")
     return _captioned(fig, "Seconds per trial — {c.dataset}, {c.epochs} epochs", "seconds", done,
                       n=_counts(done, axes), devices=sorted({d for d in done.get("hardware", ()) if d}))
 

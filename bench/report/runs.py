@@ -134,9 +134,8 @@ def run_images(client, run_id: str, keys=("samples", "recon")) -> dict[str, np.n
     """The logged image of each key at its highest step (the best model's final pictures)."""
     found = [m for item in client.list_artifacts(run_id, "images")
              if (m := IMAGE_FILE.match(item.path)) and m["key"] in keys]
-    newest: dict[str, str] = {}
-    for m in sorted(found, key=lambda m: int(m["step"]), reverse=True):  # stable: ties keep the listed order
-        newest.setdefault(m["key"], m.string)
+    # ascending steps, the highest written last; reversed first, so a tie goes to the first listed
+    newest = {m["key"]: m.string for m in sorted(found[::-1], key=lambda m: int(m["step"]))}
     with tempfile.TemporaryDirectory() as tmp:
         return {key: np.asarray(Image.open(client.download_artifacts(run_id, path, tmp)).convert("L"))
                 for key, path in newest.items()}

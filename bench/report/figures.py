@@ -39,9 +39,9 @@ def context_of(runs: pd.DataFrame) -> SimpleNamespace:
 
     (objective, direction), epochs = study_objective(runs), values("epochs") or ["?"]
     return SimpleNamespace(dataset=", ".join(map(str, values("dataset"))),
-                           binarize=", ".join(map(str, values("binarize"))), seeds=[int(s) for s in values("seed")],
+                           binarize=", ".join(map(str, values("binarize"))),
                            epochs=str(epochs[0]) if len(epochs) == 1 else f"{epochs[0]}–{epochs[-1]}",
-                           objective=objective, direction=direction)
+                           seeds=[int(s) for s in values("seed")], objective=objective, direction=direction)
 
 
 def varies(frame: pd.DataFrame, axes: list[str], axis: str = "latent") -> bool:

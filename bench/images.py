@@ -149,7 +149,7 @@ def draw_scatter(points: np.ndarray, labels: np.ndarray, title: str) -> np.ndarr
 
 def project_2d(means: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[np.ndarray, str]:
     """(N, latent) encoder means -> (N, 2) points to plot and a title naming the projection.
-    2-D is kept as is; more dims go onto their first two principal axes (numpy SVD; the title
+    2-D is kept as is; more dims go onto their first two principal axes (the title
     gives the share of variance kept); 1-D is plotted against the label with seeded jitter."""
     latent = means.shape[1]
     if latent == 1:
@@ -157,10 +157,13 @@ def project_2d(means: np.ndarray, labels: np.ndarray, seed: int = 0) -> tuple[np
         return np.column_stack([means[:, 0], labels + jitter]), "1-D latent means against label"
     if latent == 2:
         return means, "2-D latent means"
-    centred = means - means.mean(axis=0)
-    _, singular, axes = np.linalg.svd(centred, full_matrices=False)
-    kept = (singular[:2] ** 2).sum() / max((singular ** 2).sum(), np.finfo(float).tiny)
-    return centred @ axes[:2].T, f"PCA of {latent}-D latent means ({kept:.0%} of variance)"
+    # torch, not numpy: numpy's BLAS threads ignore a worker's thread count, and two of them per
+    # worker on two busy cores made this 1 ms step take 235 ms (measured)
+    centred = torch.from_numpy(np.asarray(means, dtype=np.float64))
+    centred = centred - centred.mean(dim=0)
+    variances, axes = torch.linalg.eigh(centred.T @ centred)  # ascending
+    kept = float(variances[-2:].sum() / max(float(variances.sum()), np.finfo(float).tiny))
+    return (centred @ axes[:, [-1, -2]]).numpy(), f"PCA of {latent}-D latent means ({kept:.0%} of variance)"
 
 
 def class_grid(model, per_class: int = 10, seed: int = 0, scale: int = 1) -> np.ndarray:

@@ -189,6 +189,17 @@ def test_project_2d_names_the_projection_and_pca_keeps_a_planes_distances():
     assert (np.abs(points[:, 1] - np.arange(30)) <= 0.3).all()
 
 
+def test_pca_keeps_the_two_widest_axes_and_says_how_much_variance_they_hold():
+    rng = np.random.default_rng(1)
+    axes, _ = np.linalg.qr(rng.normal(size=(4, 4)))  # a random rotation
+    centred = rng.normal(size=(2000, 4))
+    unit, _ = np.linalg.qr(centred - centred.mean(0))  # uncorrelated columns with mean 0
+    scores = unit * np.sqrt(2000) * [3.0, 2.0, 1.0, 0.5]  # variances 9, 4, 1, 0.25
+    points, title = project_2d(scores @ axes.T, np.zeros(2000, dtype=int))
+    assert title == f"PCA of 4-D latent means ({13 / 14.25:.0%} of variance)"  # 91%
+    np.testing.assert_allclose(np.abs(points), np.abs(scores[:, :2]), atol=1e-9)  # up to each axis' sign
+
+
 def test_class_grid_has_one_row_per_class_and_needs_a_conditional_model():
     model = TinyVAE(num_classes=3)
     grid = class_grid(model, per_class=4, seed=0)

@@ -265,3 +265,23 @@ def test_a_seeded_search_sees_its_pruner_prune(results, pruner):
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     assert pruned and len(pruned) < len(trials)
     assert all(len(t.intermediate_values) < 4 for t in pruned)
+
+
+def test_a_worker_gives_numpys_blas_the_thread_count_it_gives_torch():
+    """Two workers on two cores, each with BLAS threads of its own, made a 1 ms SVD take 235 ms."""
+    from threadpoolctl import threadpool_info
+
+    import torch
+
+    from bench.worker import limit_threads
+
+    before = torch.get_num_threads()
+    limits = limit_threads(1)
+    try:
+        assert torch.get_num_threads() == 1
+        pools = threadpool_info()
+        assert any(pool["internal_api"] == "openblas" for pool in pools)  # numpy's, checked below
+        assert [pool["num_threads"] for pool in pools] == [1] * len(pools)
+    finally:
+        limits.restore_original_limits()
+        torch.set_num_threads(before)

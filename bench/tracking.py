@@ -10,6 +10,7 @@ JSON (loaded back with weights_only=True through the registry), never a pickled 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -119,8 +120,10 @@ def ui_base(uri: str, host: str = "127.0.0.1", port: int = 5000) -> str:
     return uri if uri.startswith(("http://", "https://")) else f"http://{host}:{port}"
 
 
-def environment_tags() -> dict[str, str]:
-    """Versions, device and git state: what is needed to trust and reproduce a number."""
+@functools.cache
+def _environment_tags() -> dict[str, str]:
+    """Versions, device and git state: what is needed to trust and reproduce a number. Read
+    once per process (two git calls): the code a process runs is the code it imported."""
     import optuna
 
     tags = {"vaebench.torch": torch.__version__, "vaebench.mlflow": mlflow.__version__,
@@ -138,6 +141,10 @@ def environment_tags() -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         pass
     return tags
+
+
+def environment_tags() -> dict[str, str]:
+    return dict(_environment_tags())
 
 
 def device_name(device: str) -> str:
@@ -197,16 +204,30 @@ def set_tags(client: MlflowClient, run_id: str, tags: dict) -> None:
 def log_dataset(client: MlflowClient, run_id: str, data) -> None:
     """Each split as an MLflow dataset input with its digest, so runs on different data are
     never mixed up in the UI."""
-    inputs = []
-    for context, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
-        ds = mlflow.data.from_numpy(split.x.flatten(1).numpy(), targets=split.y.numpy(),
-                                    source=data.source, name=f"{data.name}-{data.binarize}-{context}")
-        inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+    inputs = _dataset_inputs(data)
     try:
         client.log_inputs(run_id, datasets=inputs)
     except MlflowException:  # another process created the same dataset row just now
         time.sleep(0.5)
         client.log_inputs(run_id, datasets=inputs)
+
+
+_INPUTS: dict[int, tuple] = {}  # id(data) -> (data, its inputs): digests cost 50-400 ms a trial
+
+
+def _dataset_inputs(data) -> list[DatasetInput]:
+    """The splits of `data` as dataset inputs, digested once per Dataset object per process
+    (the object is kept beside them, so its id is not reused while cached)."""
+    if id(data) not in _INPUTS:
+        inputs = []
+        for context, split in (("train", data.train), ("validation", data.val), ("test", data.test)):
+            ds = mlflow.data.from_numpy(split.x.flatten(1).numpy(), targets=split.y.numpy(),
+                                        source=data.source, name=f"{data.name}-{data.binarize}-{context}")
+            inputs.append(DatasetInput(ds._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)]))
+        if len(_INPUTS) >= 4:
+            _INPUTS.pop(next(iter(_INPUTS)))
+        _INPUTS[id(data)] = (data, inputs)
+    return _INPUTS[id(data)][1]
 
 
 def log_image(client: MlflowClient, run_id: str, key: str, image: np.ndarray, step: int) -> None:

@@ -244,6 +244,25 @@ def test_a_damaged_cached_judge_is_trained_again(digits, tmp_path, monkeypatch):
     assert torch.load(weights, weights_only=True).keys() == judge.classifier.state_dict().keys()
 
 
+@pytest.mark.slow
+def test_a_process_embeds_a_test_split_once_and_never_scores_against_another(judge, digits, cache):
+    import dataclasses
+
+    from bench import quality
+    from bench.data import Split
+
+    model = create_model(RunConfig(model="vae", latent=2), digits.image_shape, 10)
+    first = _quality(model, digits, cache, quality_n=10_000)
+    again = _quality(model, digits, cache, quality_n=10_000)
+    assert [key for key in quality._JUDGES if key[2] == id(digits.test.x)] == [
+        ("digits", "none", id(digits.test.x), str(cache), "cpu")]
+    clock = "quality_seconds"
+    assert {k: v for k, v in again.items() if k != clock} == {k: v for k, v in first.items() if k != clock}
+    fewer = dataclasses.replace(digits, test=Split(digits.test.x[:100], digits.test.y[:100]))
+    small = _quality(model, fewer, cache, quality_n=10_000)
+    assert first["quality_n"] == len(digits.test) and small["quality_n"] == 100  # its own 100 images
+
+
 def test_quality_n_is_a_run_config_field():
     assert RunConfig().quality_n == 10_000 and RunConfig(quality_n=0).quality_n == 0
     with pytest.raises(ConfigError, match="quality_n"):

@@ -13,13 +13,15 @@ percent between runs, so only ratios measured together mean anything). The net i
 - `iwae_images_per_s`: `iwae_log_likelihood` at k = 5000 on the same net, eager, and
   `iwae_fused_images_per_s` with its likelihood compiled (`bench.fuse`: what evaluations of
   FUSE_ABOVE values or more use), after a compile of `iwae_compile_s` seconds;
-- `tracking_overhead`: a tracked trial (MLflow) / the same trial untracked, minus 1;
+- `tracking_overhead`: a tracked trial (MLflow) / the same trial untracked, minus 1, in wall
+  time, and `tracking_cpu_overhead` in the process's CPU time (what a sweep on every core pays);
 - `stacked`: summed samples/s of N = 1, 4, 16, 64 seed trials trained as one stack on every
   core, `stacked_speedup` (best / N = 1) and `stacked_roofline_fraction` (best / the step's
   matmuls alone at that batch on as many threads);
 - `sweep_overhead` (the smoke study's wall time / its trials' training time, minus 1) and
   `default_sweep_speedup` (the default study one trial at a time / stacked, 2 workers): whole
-  studies, so only without --quick;
+  studies, so only without --quick; `sweep_breakdown_s` and `default_sweep_s` say where each
+  study's seconds went (see `study_seconds`);
 - `peak_rss_mb` of this process.
 - `pythae_samples_per_s`, `speedup_vs_pythae`, `speedup_vs_pythae_nll` (eager and `_fused`) and
   `nll_vs_pythae`: pythae
@@ -149,9 +151,11 @@ def _threads(count: int, measure):
         torch.set_num_threads(before)
 
 
-def study_seconds(spec_path: str, stack: int, workers: int) -> tuple[float, float]:
-    """(wall seconds of a whole study in a fresh results folder, the sum of its trials' own
-    training seconds as their runs record them)."""
+def study_seconds(spec_path: str, stack: int, workers: int) -> dict[str, float]:
+    """Where a whole study's wall time goes, in a fresh results folder: `wall`, the trials'
+    own training (`training`, as their runs record it), the trials' runs from start to end
+    (`trials`: training plus evaluation, pictures and tracking; summed over workers), the
+    sample-quality metrics within them (`quality`, the judge's one-off training included)."""
     from bench import sweep, tracking
     from bench.spec import load_spec
 
@@ -161,8 +165,9 @@ def study_seconds(spec_path: str, stack: int, workers: int) -> tuple[float, floa
         wall = time.perf_counter() - started
         client = tracking.connect(out.tracking_uri)
         runs = tracking.trial_runs(client, out.experiment_id, out.study)
-        training = sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs)
-    return wall, training
+    return {"wall": wall, "training": sum(r.data.metrics.get("trial_seconds", 0.0) for r in runs),
+            "trials": sum((r.info.end_time - r.info.start_time) / 1000 for r in runs if r.info.end_time),
+            "quality": sum(r.data.metrics.get("test/quality_seconds", 0.0) for r in runs)}
 
 
 def _iwae(data, k: int, images: int, fused: bool = False):
@@ -210,9 +215,11 @@ def nll_against_pythae(data, k: int, images: int) -> dict:
             **peers.agreement(ours, theirs)}
 
 
-def tracking_overhead(data, rounds: int = 3, epochs: int = 5) -> float:
-    """A tracked trial's wall time over the same trial untracked, minus 1: the median over
-    interleaved pairs after one warm-up pair (the first trial of a process pays imports)."""
+def tracking_overhead(data, rounds: int = 3, epochs: int = 5) -> tuple[float, float]:
+    """A tracked trial's wall time over the same trial untracked, minus 1, and the same for
+    the process's CPU time (every thread of it: work a free core would hide from the wall
+    clock is still paid by a sweep that keeps every core busy): medians over interleaved
+    pairs after one warm-up pair (the first trial of a process pays imports)."""
     from bench import tracking
     from bench.evaluate import evaluate
     from bench.train import fit
@@ -220,25 +227,29 @@ def tracking_overhead(data, rounds: int = 3, epochs: int = 5) -> float:
 
     # the same evaluation both ways (no sample-quality judge: its one-off training is not tracking)
     cfg = dataclasses.replace(_config(data), eval_k=10, eval_n=50, quality_n=0, epochs=epochs)
-    ratios = []
+    wall, cpu = [], []
     with tempfile.TemporaryDirectory() as tmp:
         client = tracking.connect(tracking.default_uri(tmp))  # the store's migrations: not timed
         exp_id = tracking.experiment_id(client, "perf")
         for i in range(rounds + 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             result = fit(cfg, data, progress=False)
             evaluate(result.model, data.test.x, data.test.y, k=10, nll_n=50, binary_data=data.binary, quality_n=0)
-            plain = time.perf_counter() - started
-            started = time.perf_counter()
+            plain, plain_cpu = time.perf_counter() - started, time.process_time() - cpu_started
+            started, cpu_started = time.perf_counter(), time.process_time()
             run_tracked(cfg, data, client=client, exp_id=exp_id, run_name=f"perf {i}", results=tmp, progress=False)
             if i:
-                ratios.append((time.perf_counter() - started) / plain)
-    return statistics.median(ratios) - 1
+                wall.append((time.perf_counter() - started) / plain)
+                cpu.append((time.process_time() - cpu_started) / plain_cpu)
+    return statistics.median(wall) - 1, statistics.median(cpu) - 1
 
 
 def run(quick: bool = False, rounds: int | None = None) -> dict:
     """Every figure, interleaved over `rounds`, medians."""
+    from threadpoolctl import threadpool_limits
+
     torch.set_num_threads(1)
+    threadpool_limits(1)  # numpy's BLAS as a sweep worker has it (bench.worker)
     data = _data(quick)
     rounds = rounds or (2 if quick else 3)
     d = math.prod(data.image_shape)
@@ -271,10 +282,11 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     out["stacked_roofline_fraction"] = stacked[best] / roofline
     out["gemm_ew_fraction"] = out["trainer_samples_per_s"] / out["gemm_ew_samples_per_s"]
     out["speedup_vs_naive"] = out["trainer_samples_per_s"] / out["naive_samples_per_s"]
-    out["tracking_overhead"] = None if quick else tracking_overhead(data)
+    out["tracking_overhead"], out["tracking_cpu_overhead"] = (None, None) if quick else tracking_overhead(data)
     out.update({"pythae_samples_per_s": None, "speedup_vs_pythae": None, "speedup_vs_pythae_nll": None,
                 "speedup_vs_pythae_nll_fused": None, "iwae_compile_s": None,
                 "nll_vs_pythae": None, "default_sweep_speedup": None, "sweep_overhead": None,
+                "sweep_breakdown_s": None, "default_sweep_s": None,
                 "notes": [f"stacked: summed samples/s of N seed trials as one stack on {cores} thread(s); "
                           f"roofline: the step's matmuls alone at batch {BATCH} x {best} on as many threads",
                           "the gemm+ew bound counts one pass per elementwise op; an approximation"]})
@@ -291,13 +303,16 @@ def run(quick: bool = False, rounds: int | None = None) -> dict:
     else:
         out["notes"].append("pythae: not installed (pip install -e .[peers]); its figures are null")
     if not quick:  # whole studies: minutes each
-        wall, training = study_seconds(str(EXPERIMENTS / "smoke.toml"), stack=1, workers=1)
-        out["sweep_overhead"] = wall / training - 1
-        solo, _ = study_seconds(str(EXPERIMENTS / "default.toml"), stack=1, workers=2)
-        stacked_wall, _ = study_seconds(str(EXPERIMENTS / "default.toml"), stack=None, workers=2)
-        out["default_sweep_speedup"] = solo / stacked_wall
-        out["notes"].append(f"default study: {solo:.0f} s one trial at a time, {stacked_wall:.0f} s stacked "
-                            "(2 workers); sweep_overhead: the smoke study's wall time over its trials' training")
+        smoke = study_seconds(str(EXPERIMENTS / "smoke.toml"), stack=1, workers=1)
+        out["sweep_overhead"] = smoke["wall"] / smoke["training"] - 1
+        out["sweep_breakdown_s"] = smoke
+        solo = study_seconds(str(EXPERIMENTS / "default.toml"), stack=1, workers=2)
+        stacked = study_seconds(str(EXPERIMENTS / "default.toml"), stack=None, workers=2)
+        out["default_sweep_speedup"] = solo["wall"] / stacked["wall"]
+        out["default_sweep_s"] = solo
+        out["notes"].append(f"default study: {solo['wall']:.0f} s one trial at a time, {stacked['wall']:.0f} s "
+                            "stacked (2 workers); sweep_overhead: the smoke study's wall time over its trials' "
+                            "training; *_s: wall, training, trial runs end to end, sample quality (seconds)")
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out.update({"machine": machine(), "dataset": data.name, "train_images": len(data.train.x),
                 "rounds": rounds, "quick": quick, "when": time.strftime("%Y-%m-%d %H:%M:%S")})

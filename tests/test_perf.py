@@ -30,3 +30,16 @@ def test_perf_measures_every_figure_it_names_and_prints_the_machine(tmp_path):
         assert "| `speedup_vs_pythae` |" in table
     else:
         assert result["pythae_samples_per_s"] is None and "pythae: not installed" in table
+
+
+@pytest.mark.slow
+def test_a_studys_seconds_split_into_training_whole_trials_and_the_rest():
+    seconds = perf.study_seconds(str(perf.EXPERIMENTS / "smoke.toml"), stack=1, workers=1)
+    assert 0 < seconds["training"] < seconds["trials"] < seconds["wall"]  # one worker: trials in turn
+    assert 0 < seconds["quality"] < seconds["trials"]  # the judge is trained inside the first trial
+
+
+@pytest.mark.slow
+def test_tracking_overhead_is_measured_in_wall_and_in_cpu_time():
+    wall, cpu = perf.tracking_overhead(perf._data(quick=True), rounds=1, epochs=1)
+    assert all(math.isfinite(v) and v > -0.5 for v in (wall, cpu))  # a tracked trial is never half the work

@@ -73,8 +73,8 @@ def limit_threads(threads: int):
 
 
 # Trials per stack when a worker is not told (--stack). CPU 1: measured by `bench perf` on the
-# 2-core machine (README, Performance), the default study is no faster stacked (1.03x: its
-# trials spend half their time outside training, and one thread per worker gains little).
+# 2-core machine (README, Performance), the default study is no faster stacked (1.02x on two days:
+# its trials spend 43 % of their time outside training, and one thread per worker gains little).
 # CUDA 16 is not measured yet (no GPU lent so far): many small models fill a GPU one cannot.
 DEFAULT_STACK = {"cpu": 1, "cuda": 16, "mps": 1}
 

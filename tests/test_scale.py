@@ -185,8 +185,8 @@ def test_a_tracking_server_lost_mid_study_fails_its_trials_and_the_next_run_retr
             except KeyError:
                 pass
             time.sleep(0.1)
-        # lost, not shut down: a SIGTERM'd server keeps answering on open keep-alive connections
-        # while it drains them, long enough for a fast study to finish (seen once in a full run)
+        # lost, not shut down: after a SIGTERM the study once finished rc 0 (a full run), most likely
+        # served on its open keep-alive connections while the server drained them
         os.killpg(services.mlflow_pid(server_dir), signal.SIGKILL)
         services.stop_mlflow(server_dir)  # reaps it and forgets its pid
         stdout, stderr = running.communicate(timeout=600)

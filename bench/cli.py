@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import shutil
 import sys
 from pathlib import Path
@@ -34,11 +35,19 @@ def cmd_list(args):
     kinds = [args.kind] if args.kind else list(bench.ALL)
     for kind in kinds:
         registry = bench.ALL[kind]
-        names = registry.names(args.pattern or "*")
+        names = registry.names(_glob(args.pattern))
+        width = max(map(len, names), default=0)
         print(f"{kind} ({len(names)}):")
         for name in names:
-            print(f"  {name:<14} {registry.entry(name).summary}")
+            print(f"  {name:<{max(width, 14)}} {registry.entry(name).summary}")
     return 0
+
+
+def _glob(pattern: str | None) -> str:
+    """An fnmatch pattern as given; a plain word matches any name that contains it ("gauss")."""
+    if not pattern:
+        return "*"
+    return pattern if any(ch in pattern for ch in "*?[") else f"*{pattern}*"
 
 
 def _run_config(args):
@@ -247,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="what the harness knows: models, losses, archs, datasets, presets, metrics")
     p.add_argument("kind", nargs="?", choices=["models", "losses", "archs", "datasets", "presets", "metrics"])
-    p.add_argument("pattern", nargs="?", help="fnmatch pattern, e.g. 'seed*'")
+    p.add_argument("pattern", nargs="?", help="fnmatch pattern or part of a name, e.g. 'seed*' or 'gauss'")
     p.set_defaults(func=cmd_list)
 
     p = sub.add_parser("train", help="train, evaluate and track one model")
@@ -346,17 +355,35 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout, sys.stderr = streams
 
 
+def _stdout_closed() -> bool:
+    """Whether stdout is a pipe whose reader has gone (poll says POLLERR); if so, stdout goes to
+    /dev/null so that the exit's flush is quiet. Any other broken pipe is an error to report."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return True
+    except (AttributeError, OSError, ValueError):  # no poll (Windows), or stdout is no file
+        return False
+
+
 def _main(argv: list[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # a bad argument (its line is written) or --help: a status, as any command
         return e.code if isinstance(e.code, int) else 2
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # a reader gone meets us here, inside the handlers, not at the exit
+        return code
     except BenchError as e:
         print(f"bench: error: {e}", file=sys.stderr)
         return e.exit_code
     except OSError as e:  # a results directory that cannot be written, a file that vanished...
+        if isinstance(e, BrokenPipeError) and _stdout_closed():
+            return 141  # the reader stopped early (`bench list | head`): quiet, as a tool killed by SIGPIPE
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"bench: error: {e.strerror or e}{where}; check the path and its permissions "
               "(--results, the spec, the data files)", file=sys.stderr)

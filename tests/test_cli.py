@@ -25,7 +25,7 @@ from bench.cli import main
 from bench.config import RunConfig
 from bench.errors import ConfigError
 from bench.models import create_model
-from bench.registry import LOSSES, MODELS
+from bench.registry import LOSSES, METRICS, MODELS, PRESETS
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "experiments" / "smoke.toml"
@@ -226,6 +226,30 @@ def test_list_names_every_model(capsys):
 def test_list_filters_names_with_a_pattern(capsys):
     assert main(["list", "losses", "b*"]) == 0
     assert capsys.readouterr().out == f"losses (1):\n  {'bce':<14} {LOSSES.entry('bce').summary}\n"
+
+
+def test_list_takes_a_plain_word_as_part_of_a_name(capsys):
+    assert main(["list", "losses", "gauss"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["losses (1):", f"  {'gaussian':<14} {LOSSES.entry('gaussian').summary}"]
+    assert main(["list", "presets", "seed"]) == 0  # seed-vae and seed-cvae, not only a name equal to "seed"
+    assert capsys.readouterr().out.splitlines()[0] == f"presets ({len(PRESETS.names('*seed*'))}):"
+
+
+def test_list_aligns_the_summaries_after_a_long_name(capsys):
+    assert main(["list", "metrics"]) == 0  # "precision-recall" is longer than the usual 14 columns
+    rows = capsys.readouterr().out.splitlines()[1:]
+    starts = {row.index(METRICS.entry(row.split()[0]).summary) for row in rows}
+    assert starts == {2 + len("precision-recall") + 1}
+
+
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_reader_that_stops_early_gets_no_error_line(unbuffered):
+    """`bench list | head -1`: the closed pipe ends the command quietly, not as a path or permission problem."""
+    env = {**os.environ, "PYTHONUNBUFFERED": unbuffered}
+    child = subprocess.Popen([sys.executable, "-m", "bench", "list"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, cwd=REPO, env=env)
+    child.stdout.close()  # before the interpreter has started: its first write meets a closed pipe
+    assert (child.wait(timeout=60), child.stderr.read().decode()) == (141, "")
 
 
 REAL_LOAD = bench.data.load_dataset

@@ -267,7 +267,7 @@ def test_experiment_without_runs_and_store_without_experiments_give_clear_errors
     with pytest.raises(ReportError, match="no trial runs in any experiment.*make sweep"):
         write_report(None, results=tmp_path)
     tracking.experiment_id(client, "empty")
-    with pytest.raises(ReportError, match=r"experiment 'empty' has no trial runs.*make sweep"):
+    with pytest.raises(ReportError, match=r"experiment 'empty' has no trial runs of a study \(sqlite.*make sweep"):
         write_report("empty", results=tmp_path)
 
 
@@ -286,9 +286,14 @@ def test_default_experiment_is_the_one_with_the_newest_trial(tmp_path, mlflow_ur
         run_id = tracking.start_trial_run(client, exp_id, cfg, run_name="t",
                                           tags={tracking.STUDY: name, tracking.TRIAL: 0})
         tracking.end_run(client, run_id, "FAILED", "boom")
+    # a model trained on its own afterwards (`bench train`: a trial run of no study) is not a study
+    alone = tracking.start_trial_run(client, tracking.experiment_id(client, "train"), cfg, run_name="alone")
+    tracking.end_run(client, alone)
     out = write_report(None, results=tmp_path)
     assert out.name == "newer"
     assert "boom" in (out / "report.md").read_text()  # only failures: listed, nothing to plot
+    with pytest.raises(ReportError, match=r"'train' has no trial runs of a study \(.*`bench train`\).*older"):
+        write_report("train", results=tmp_path)
 
 
 @pytest.mark.slow

@@ -53,8 +53,8 @@ def _missing(client, tracking_uri: str, problem: str) -> ReportError:
 def latest_experiment(client, tracking_uri: str = "") -> str:
     """The experiment whose newest trial run started last: the study most recently worked on."""
     ids = [e.experiment_id for e in client.search_experiments()]
-    found = client.search_runs(ids, filter_string=f"tags.`{tracking.ROLE}` = 'trial'",
-                               order_by=["attributes.start_time DESC"], max_results=1) if ids else []
+    found = client.search_runs(ids, filter_string=f"tags.`{tracking.ROLE}` = 'trial' and tags.`{tracking.STUDY}` "
+                               "LIKE '%'", order_by=["attributes.start_time DESC"], max_results=1) if ids else []
     if not found:
         raise _missing(client, tracking_uri, "no trial runs in any experiment")
     return client.get_experiment(found[0].info.experiment_id).name
@@ -70,7 +70,9 @@ def load_runs(tracking_uri: str, experiment: str) -> pd.DataFrame:
         raise _missing(client, tracking_uri, f"no experiment named {experiment!r}")
     runs = tracking.trial_runs(client, found.experiment_id, experiment)
     if not runs:
-        raise _missing(client, tracking_uri, f"experiment {experiment!r} has no trial runs")
+        alone = client.search_runs([found.experiment_id], f"tags.`{tracking.ROLE}` = 'trial'", max_results=1)
+        raise _missing(client, tracking_uri, f"experiment {experiment!r} has no trial runs of a study"
+                       + (" (its runs were trained one by one with `bench train`)" if alone else ""))
     frame = pd.DataFrame([_row(run) for run in runs])
     # {epoch: value} of the objective (else train/loss): what it optimised, how far a trial got
     histories = [{m.step: m.value for m in client.get_metric_history(row.run_id, row.objective_metric or "train/loss")}

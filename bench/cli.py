@@ -138,6 +138,8 @@ def cmd_sweep(args):
     print(f"\n{out.study} on {out.dataset}: {out.done}/{out.trials} trials done "
           f"({out.trained_now} trained now, {out.seconds / 60:.1f} min)")
     print(out.summary)
+    if args.workers == 0 and out.done < out.trials:
+        print(_queued(out, f"bench worker {args.spec}", f"bench report {out.study}"))
     for cell, reason in out.failed:
         print(f"FAILED {cell}: {reason}", file=sys.stderr)
     if out.done:
@@ -180,13 +182,17 @@ def cmd_report(args):
 
 def cmd_table(args):
     from bench import sweep
-    from bench.tables import PAPERS, paper_spec, write_table
+    from bench.tables import PAPERS, paper_named, paper_spec, write_table
 
     names = list(PAPERS) if args.name == "all" else [args.name]
     for name in names:
         if name not in PAPERS:
             raise BenchError(f"unknown paper table {name!r}: choose from {', '.join(PAPERS)} or all")
         outcome = sweep.run_study(paper_spec(name, args.full), results=_results(args), workers=args.workers)
+        if args.workers == 0 and outcome.done < outcome.trials:
+            spec_path = Path(paper_named(name).spec_path(args.full)).resolve()
+            print(_queued(outcome, f"bench worker {_shown(spec_path)}", f"bench table {name}{' --full' if args.full else ''}"))
+            continue
         print(write_table(name, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri))
         if args.publish:
             from bench.publish import publish
@@ -194,6 +200,16 @@ def cmd_table(args):
             publish(name, args.publish, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri)
             print(f"published: {args.publish}/ (table.md, table.tex, results.json, validation_curves.png)")
     return 0
+
+
+def _shown(path: Path) -> str:
+    """`path` relative to the working directory where it lies below it, else absolute."""
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _queued(out, worker: str, then: str) -> str:
+    return (f"--workers 0 queued {out.trials - out.done} of {out.trials} trials of {out.study!r}: `{worker}` "
+            f"processes (same --results, or the same --storage and --tracking-uri) train them; then run `{then}`")
 
 
 def cmd_ui(args):

@@ -252,6 +252,24 @@ def test_a_reader_that_stops_early_gets_no_error_line(unbuffered):
     assert (child.wait(timeout=60), child.stderr.read().decode()) == (141, "")
 
 
+@pytest.mark.slow  # trains the smoke study's 6 trials (about 10 s)
+def test_queueing_only_prints_the_commands_that_finish_the_study(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    results = ["--results", str(tmp_path / "results")]
+    assert main(["sweep", "smoke", "--workers", "0", *results]) == 0
+    hint = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("--workers 0"))
+    worker, then = re.findall(r"`([^`]+)`", hint)
+    assert "queued 6 of 6 trials of 'smoke'" in hint and (worker, then) == ("bench worker smoke", "bench report smoke")
+    assert main([*worker.split()[1:], *results]) == 0  # as printed: the worker trains all six
+    assert main([*then.split()[1:], *results]) == 0
+    assert "6 finished" in (tmp_path / "results" / "reports" / "smoke" / "report.md").read_text()
+
+    assert main(["table", "seed", "--workers", "0", *results]) == 0  # a table is not rendered from nothing
+    worker = re.findall(r"`([^`]+)`", capsys.readouterr().out)[0]
+    assert worker == f"bench worker {REPO / 'experiments' / 'paper' / 'seed.toml'}"  # the cwd is not above it
+    assert not (tmp_path / "results" / "tables").exists()
+
+
 REAL_LOAD = bench.data.load_dataset
 
 

@@ -191,7 +191,8 @@ def cmd_table(args):
         outcome = sweep.run_study(paper_spec(name, args.full), results=_results(args), workers=args.workers)
         if args.workers == 0 and outcome.done < outcome.trials:
             spec_path = Path(paper_named(name).spec_path(args.full)).resolve()
-            print(_queued(outcome, f"bench worker {_shown(spec_path)}", f"bench table {name}{' --full' if args.full else ''}"))
+            again = f"bench table {name}{' --full' if args.full else ''}"
+            print(_queued(outcome, f"bench worker {_shown(spec_path)}", again))
             continue
         print(write_table(name, results=_results(args), full=args.full, tracking_uri=outcome.tracking_uri))
         if args.publish:

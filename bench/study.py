@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import optuna
 
 from bench import locations
@@ -30,9 +31,12 @@ def tracking_uri(spec: StudySpec, results: str | Path, uri: str | None = None) -
     return uri or spec.tracking_uri or locations.default_tracking(results)
 
 
-def sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def sampler(spec: StudySpec, trial: int | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, seeded by its first seed and, for a trial about to sample, by that
+    trial's number: workers that each seeded theirs alike drew the same values in parallel (a
+    search on 2 workers trained every configuration twice) and again after a resume."""
     name = spec.search.sampler if spec.search else "random"
-    seed = spec.seeds[0]
+    seed = spec.seeds[0] if trial is None else int(np.random.SeedSequence([spec.seeds[0], trial]).generate_state(1)[0])
     return {"tpe": lambda: optuna.samplers.TPESampler(seed=seed),
             "random": lambda: optuna.samplers.RandomSampler(seed=seed),
             "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed)}[name]()

@@ -17,7 +17,7 @@ from bench import queue, tracking
 from bench.data import load_dataset
 from bench.errors import BenchError, StudyError
 from bench.spec import StudySpec
-from bench.study import (SPEC_HASH, WORKER_STORAGE_ENV, WORKER_TRACKING_ENV, open_study, resolve,
+from bench.study import (SPEC_HASH, WORKER_STORAGE_ENV, WORKER_TRACKING_ENV, open_study, resolve, sampler,
                          storage_url, tracking_uri)
 from bench.trial import run_tracked
 
@@ -47,6 +47,8 @@ def run_worker(spec: StudySpec, *, results: str | Path, storage: str | None = No
     stack = stack or default_stack(spec)
     ran = 0
     while trials := claim(spec, study, stack):
+        if spec.search is not None:  # a search trial samples as it starts, from a stream of its own
+            study.sampler = sampler(spec, trials[0].number)
         started = time.perf_counter()
         with contextlib.ExitStack() as beats:
             for trial in trials:

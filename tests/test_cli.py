@@ -230,7 +230,8 @@ def test_list_filters_names_with_a_pattern(capsys):
 
 def test_list_takes_a_plain_word_as_part_of_a_name(capsys):
     assert main(["list", "losses", "gauss"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["losses (1):", f"  {'gaussian':<14} {LOSSES.entry('gaussian').summary}"]
+    gaussian = f"  {'gaussian':<14} {LOSSES.entry('gaussian').summary}"
+    assert capsys.readouterr().out.splitlines() == ["losses (1):", gaussian]
     assert main(["list", "presets", "seed"]) == 0  # seed-vae and seed-cvae, not only a name equal to "seed"
     assert capsys.readouterr().out.splitlines()[0] == f"presets ({len(PRESETS.names('*seed*'))}):"
 

@@ -226,6 +226,29 @@ def test_a_search_trains_n_trials_per_cell_and_reports_every_epoch(results):
         assert trial.value == elbo[int(run.data.tags["vaebench.best_epoch"])] == max(elbo.values())
 
 
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_parallel_workers_of_a_search_sample_different_configurations(results, sampler):
+    """Each worker process seeded its sampler alike, so two workers drew the same values: a search
+    on 2 workers trained every configuration twice (12 trials, 7 distinct)."""
+    spec = parse_spec({**search_spec(f"parallel-{sampler}", n_trials=4).to_dict(),
+                       "search": {"n_trials": 4, "sampler": sampler, "pruner": "none",
+                                  "params": {"lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}}}})
+    sweep.run_study(spec, results=results, workers=2, progress=False)
+    trials = optuna_trials(spec, results)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert len({t.params["lr"] for t in trials}) == 4
+
+
+def test_a_trial_samples_from_a_stream_of_its_own_the_same_on_every_run():
+    spec = search_spec("streams", n_trials=2)
+
+    def first_value(trial: int) -> float:  # what trial number `trial`'s sampler draws first
+        fresh = optuna.create_study(sampler=study.sampler(spec, trial))
+        return fresh.ask().suggest_float("lr", 1e-4, 1e-2, log=True)
+
+    assert first_value(0) == first_value(0) != first_value(1)  # reproducible per trial, different across trials
+
+
 def test_pruned_trials_are_pruned_in_optuna_and_killed_in_mlflow(results, monkeypatch):
     # Too few trials for the median pruner to act; a threshold no ELBO (< 0 nats) reaches
     # makes Optuna prune every trial after its first epoch.

@@ -12,7 +12,7 @@ from scipy import stats
 
 from bench.registry import METRICS
 from bench.report.document import summary_table
-from bench.report.stats import (CONFIDENCE, SAMPLE_QUALITY, _verdict, better_text, cell_label, facts, finished,
+from bench.report.stats import (CONFIDENCE, SAMPLE_QUALITY, _verdict, better, better_text, cell_label, facts, finished,
                                 grid_axes, holm, loss_verdict, mean_interval, paired_differences, paired_p,
                                 study_objective, summarize)
 
@@ -108,6 +108,15 @@ def test_sample_quality_metrics_are_yardsticks_each_way_it_is_better():
     assert "on test/fd (lower is better), bce is better in 0 and mse in 4 of 4 cells" in text
     assert "on test/precision (higher is better), bce is better in 4 and mse in 0 of 4 cells" in text
     assert "split" in text
+
+
+@pytest.mark.parametrize("metric", SAMPLE_QUALITY)
+def test_every_sample_quality_metric_counts_in_the_verdict(metric):
+    """test/cond_acc was left out: 4 cells where mse won on it never reached the sentence."""
+    _, text = verdict_of({metric: [STRONG] * 4})
+    assert f"on {metric} ({better(metric)} is better)" in text
+    winner = "bce" if better(metric) == "higher" else "mse"  # bce − mse > 0 in every cell
+    assert f"every difference that survives the correction favours {winner}" in text
 
 
 def test_metrics_a_model_did_not_measure_are_absent_never_zero():

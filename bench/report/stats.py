@@ -23,8 +23,7 @@ SUMMARY_METRICS = ("objective", *HEADLINE, "test/recon", "test/kl", "test/active
                    "test/bits_per_dim", "best_epoch", "trial_seconds")
 PAIRED_METRICS = ("test/bce", "test/mse", "test/nll", "test/nll_marginal", *SAMPLE_QUALITY)
 # The yardsticks of "BCE or MSE?": measured the same way whatever loss trained the model.
-YARDSTICKS = ("test/bce", "test/mse", "test/fd", "test/precision", "test/recall",
-              "test/class_entropy", "test/probe_acc")
+YARDSTICKS = ("test/bce", "test/mse", *SAMPLE_QUALITY)
 SEED_CONCLUSION = "MSE looked better"
 # Numbers a run logs besides evaluation's metrics (those declare their facts in METRICS).
 RUN_FACTS = {"trial_seconds": {"better": "lower", "unit": "seconds"},

@@ -153,12 +153,20 @@ def cmd_sweep(args):
                 print(f"report: {path / 'report.html'}")
             except Exception as e:  # noqa: BLE001 - the store went away: say so, keep the exit status
                 print(f"report not written: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+    print(_browse(out.tracking_uri, out.experiment_id))
+    return 1 if out.failed else 0
+
+
+def _browse(uri: str, experiment_id: str) -> str:
+    """Where to see the runs: a server's own URL, else the command that serves this store
+    (`make ui` serves results/ of the checkout it runs in) and the URL it will have."""
     from bench import tracking
 
-    url = tracking.experiment_url(tracking.ui_base(out.tracking_uri), out.experiment_id)
-    how = "" if out.tracking_uri.startswith("http") else "make ui, then open "
-    print(f"browse the runs: {how}{url}")
-    return 1 if out.failed else 0
+    url = tracking.experiment_url(tracking.ui_base(uri), experiment_id)
+    if uri.startswith("http"):
+        return f"browse the runs: {url}"
+    make = Path("Makefile").is_file() and uri == tracking.default_uri("results")
+    return f"browse the runs: {'make ui' if make else f'bench ui --tracking-uri {uri}'}, then open {url}"
 
 
 def cmd_worker(args):

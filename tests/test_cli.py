@@ -326,3 +326,18 @@ def test_a_sweep_prints_the_comparison_writes_the_report_and_exits_1_on_a_failed
     assert "lr=1000000" in failed and "training diverged" in failed
     report = tmp_path / "results" / "reports" / "mixed" / "report.html"
     assert f"report: {report}" in out and report.is_file()
+    store = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"  # not this checkout's results/: `make ui` shows another
+    assert out.splitlines()[-1].startswith(f"browse the runs: bench ui --tracking-uri {store}, then open http")
+
+
+def test_the_browse_line_says_make_ui_only_for_the_checkouts_own_results(tmp_path, monkeypatch):
+    from bench.cli import _browse
+
+    monkeypatch.chdir(tmp_path)
+    default = f"sqlite:///{tmp_path / 'results' / 'mlflow.db'}"
+    assert _browse(default, "3").startswith(f"browse the runs: bench ui --tracking-uri {default}, then open")
+    (tmp_path / "Makefile").write_text("")  # a checkout: `make ui` serves its results/
+    assert _browse(default, "3") == ("browse the runs: make ui, then open "
+                                     "http://127.0.0.1:5000/#/experiments/3?workflowType=machine_learning")
+    server = "http://tracking:5000"
+    assert _browse(server, "3") == f"browse the runs: {server}/#/experiments/3?workflowType=machine_learning"

@@ -155,8 +155,10 @@ def start_mlflow_server(directory: Path, port: int, backend_store: str) -> int:
     artifacts = directory / "artifacts"
     artifacts.mkdir(parents=True, exist_ok=True)
     with open(directory / "mlflow.log", "ab") as log:
-        proc = subprocess.Popen([mlflow, "server", "--backend-store-uri", backend_store, "--artifacts-destination",
-                                 str(artifacts), "--host", HOST, "--port", str(port)],
+        # the store's URL (with its password) goes in the environment, which only its owner can
+        # read, not on the command line, which `ps` shows every user
+        proc = subprocess.Popen([mlflow, "server", "--artifacts-destination", str(artifacts), "--host", HOST,
+                                 "--port", str(port)], env={**os.environ, "MLFLOW_BACKEND_STORE_URI": backend_store},
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     (directory / "mlflow.pid").write_text(str(proc.pid))
     uri = f"http://{HOST}:{port}"

@@ -4,6 +4,7 @@ processes, a worker killed with SIGKILL mid-trial, a tracking server lost mid-st
 passwords that never leak. Skipped, with the reason, where PostgreSQL's server binaries or the
 `scale` extra's driver are missing (`.ci/run` installs both)."""
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -207,6 +208,12 @@ def test_a_tracking_server_lost_mid_study_fails_its_trials_and_the_next_run_retr
         services.stop_mlflow(server_dir)
 
 
+def _read_or_empty(path: Path) -> bytes:
+    with contextlib.suppress(OSError):  # a process that ended meanwhile
+        return path.read_bytes()
+    return b""
+
+
 @needs_postgres
 def test_passwords_in_urls_never_leak(servers, tmp_path):
     password = servers.password
@@ -234,3 +241,5 @@ def test_passwords_in_urls_never_leak(servers, tmp_path):
     for path in (tmp_path / "reports").rglob("*"):
         if path.is_file() and path.suffix in (".md", ".html", ".csv", ".tex"):
             assert password not in path.read_text(errors="ignore"), path
+    assert [str(cmdline) for cmdline in Path("/proc").glob("[0-9]*/cmdline")  # what `ps` shows every user
+            if password.encode() in _read_or_empty(cmdline)] == []

@@ -231,12 +231,12 @@ def cmd_ui(args):
     experiments = sorted((e for e in client.search_experiments() if e.name != "Default"),
                          key=lambda e: e.creation_time or 0, reverse=True)
     mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
-    cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
+    cmd = [mlflow, "ui", "--host", args.host, "--port", str(args.port)]  # the store's URL not on `ps`
     base = f"http://{args.host}:{args.port}"
     print(f"MLflow UI on {base} (store {uri}); Ctrl-C stops it", flush=True)
     for e in experiments[:5]:  # newest first; the Model training view, not the GenAI one
         print(f"  {e.name}: {tracking.experiment_url(base, e.experiment_id)}", flush=True)
-    os.execv(cmd[0], cmd)
+    os.execve(cmd[0], cmd, {**os.environ, "MLFLOW_BACKEND_STORE_URI": uri})
 
 
 def cmd_dashboard(args):

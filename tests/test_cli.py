@@ -7,11 +7,13 @@ all at once, a few at a time, and each test reads the outcome of its own.
 """
 
 import dataclasses
+import json
 import importlib.util
 import os
 import re
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -269,6 +271,35 @@ def test_queueing_only_prints_the_commands_that_finish_the_study(tmp_path, capsy
     worker = re.findall(r"`([^`]+)`", capsys.readouterr().out)[0]
     assert worker == f"bench worker {REPO / 'experiments' / 'paper' / 'seed.toml'}"  # the cwd is not above it
     assert not (tmp_path / "results" / "tables").exists()
+
+
+@pytest.mark.slow  # starts the MLflow UI (about 10 s)
+def test_bench_ui_serves_the_study_store_without_its_url_on_the_command_line(tmp_path, new_store):
+    import urllib.request
+
+    from bench.services import free_port
+
+    store = new_store(tmp_path / "results")
+    tracking.experiment_id(tracking.connect(store), "mine")
+    port = free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "bench", "ui", "--results", str(tmp_path / "results"), "--port",
+                           str(port)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        api = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(api, timeout=2) as answer:
+                    assert json.load(answer)["experiment"]["name"] == "mine"  # it serves this store
+                break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, ui.stdout.read().decode()
+                time.sleep(0.5)
+        # a PostgreSQL store's URL holds its password: it is in the environment, not on `ps`
+        assert str(tmp_path / "results") not in Path(f"/proc/{ui.pid}/cmdline").read_bytes().decode()
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)
 
 
 REAL_LOAD = bench.data.load_dataset

@@ -246,6 +246,8 @@ def cmd_dashboard(args):
     from bench import locations
 
     url = args.storage or locations.default_storage(_results(args))
+    print(f"optuna-dashboard on http://{args.host}:{args.port} (storage {locations.redact(url)}); Ctrl-C stops it",
+          flush=True)
     os.execv(exe, [exe, url, "--host", args.host, "--port", str(args.port)])
 
 

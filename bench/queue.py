@@ -169,6 +169,8 @@ def take_queued(study: optuna.Study, accept=None) -> optuna.Trial | None:
         if accept is not None and not accept(frozen):
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
+        if _heartbeats(storage):  # beat before the claim: a worker killed right after it left a
+            storage.record_heartbeat(trial_id)  # RUNNING trial without beats, which Optuna never fails
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
                 return optuna.Trial(study, trial_id)

@@ -155,6 +155,20 @@ def test_a_silent_running_trial_is_failed_after_the_grace_period_and_a_beating_o
     assert study.trials[beating.number].state == TrialState.FAIL
 
 
+def test_a_trial_whose_worker_died_between_claim_and_first_beat_is_failed_too(tmp_path, new_store, monkeypatch):
+    """Optuna never fails a RUNNING trial that has no heartbeat at all: a worker killed right after
+    its claim left the trial RUNNING for good, and its cell was never trained."""
+    monkeypatch.setattr(queue, "GRACE_S", 2)
+    new_store(tmp_path)
+    storage = queue.open_storage(f"sqlite:///{tmp_path / 'optuna.db'}")
+    study = optuna.create_study(study_name="queue", storage=storage)
+    queue.queue_missing(spec(), study)
+    queue.take_queued(study)  # claimed; its worker dies before its Heartbeat starts
+    time.sleep(3)
+    assert queue.fail_stale(study, storage) == 1
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL, TrialState.WAITING]
+
+
 def test_without_native_heartbeats_the_wall_clock_beat_decides(tmp_path, monkeypatch):
     monkeypatch.setattr(queue, "HEARTBEAT_S", 1)
     monkeypatch.setattr(queue, "GRACE_S", 2)

@@ -135,11 +135,31 @@ def _run_trials(spec, study, trials, data, client, exp_id, parent, results, work
                 ended[trial.number] = _tell(spec, study, trial, outcome)
     except BaseException:
         for trial in trials:
-            if trial.number not in ended:
-                trial.set_user_attr(queue.REASON, "interrupted")
-                study.tell(trial, state=TrialState.FAIL)
+            if trial.number in ended:
+                continue
+            if (done := _finished_run(spec, client, exp_id, trial)) is not None:
+                run_id, value, metrics = done  # its run ended FINISHED just before Ctrl-C: failing
+                for name, metric in {"run_id": run_id, **metrics}.items():  # it would train the cell again
+                    trial.set_user_attr(name, metric)
+                study.tell(trial, value)
+                continue
+            trial.set_user_attr(queue.REASON, "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
         raise
     return [ended[t.number] for t in trials]
+
+
+def _finished_run(spec, client, exp_id, trial) -> tuple[str, float, dict] | None:
+    """(run id, objective at the epoch validation chose, test metrics) of the trial's run if it
+    ended FINISHED: what `_tell` records of a trial that completed."""
+    found = client.search_runs([exp_id], filter_string=f"tags.`{tracking.STUDY}` = '{spec.name}' and "
+                               f"tags.`{tracking.TRIAL}` = '{trial.number}' and attributes.status = 'FINISHED'")
+    if not found or "vaebench.best_epoch" not in found[0].data.tags:
+        return None
+    run, best = found[0], int(found[0].data.tags["vaebench.best_epoch"])
+    values = {m.step: m.value for m in client.get_metric_history(run.info.run_id, spec.objective)}
+    metrics = {k: v for k, v in run.data.metrics.items() if k.startswith("test/")}
+    return (run.info.run_id, values[best], metrics) if best in values else None
 
 
 def _trial_setup(spec, trial, client, exp_id, parent, results, worker):

@@ -178,6 +178,40 @@ def test_queued_cells_are_trained_by_workers_started_with_the_same_spec(results)
     assert [t.state for t in optuna_trials(spec, results)] == [TrialState.COMPLETE]
 
 
+@pytest.mark.parametrize("stack", [1, 2])
+def test_ctrl_c_after_a_run_finished_keeps_it_and_the_rerun_does_not_train_it_again(results, monkeypatch, stack):
+    """Ctrl-C between a run ending FINISHED and Optuna hearing of it failed the trial, so the next
+    run trained the cell again: two FINISHED runs for one cell (solo, and every finished member of
+    a stack, which Optuna heard of only once all of them had finished)."""
+    from bench import worker
+
+    spec = tiny_spec(f"window-{stack}", grid={"lr": [1e-3, 2e-3]})
+    sweep.run_study(spec, results=results, workers=0, progress=False)
+
+    def ctrl_c(*args):  # the interrupt arrives right after the first run ended FINISHED
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "_tell", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_worker(spec, results=results, progress=False, stack=stack)
+    monkeypatch.undo()
+    client, _, _, runs = mlflow_study(spec, results)
+    finished = {r.info.run_id: r for r in runs if r.info.status == "FINISHED"}
+    done = [t for t in optuna_trials(spec, results) if t.state == TrialState.COMPLETE]
+    assert len(done) == len(finished) == stack  # each finished run is a COMPLETE trial, with its numbers
+    for trial in done:
+        run = finished[trial.user_attrs["run_id"]]
+        assert trial.user_attrs["test/bce"] == run.data.metrics["test/bce"]
+        val_bce = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "val/bce")}
+        assert trial.value == val_bce[int(run.data.tags["vaebench.best_epoch"])]
+
+    again = sweep.run_study(spec, results=results, progress=False)
+    assert (again.done, again.trained_now) == (2, 2 - stack)
+    _, _, _, runs = mlflow_study(spec, results)
+    assert sorted(r.data.tags[tracking.CELL] for r in runs if r.info.status == "FINISHED") == [
+        "lr=0.001,seed=0", "lr=0.002,seed=0"]  # one FINISHED run per cell
+
+
 def test_a_worker_without_a_queued_study_says_how_to_start_one(results):
     with pytest.raises(StudyError, match="no study 'nothing' in this storage yet"):
         sweep.run_worker(tiny_spec("nothing"), results=results, progress=False)

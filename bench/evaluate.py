@@ -125,8 +125,7 @@ def elbo_metric(model, x, y, ctx):
                   likelihood=("nll", "bits_per_dim"), given_label=("nll", "bits_per_dim"))
 def nll_metric(model, x, y, ctx):
     """-log p(x) by importance sampling with k samples (nats per image, lower is better)."""
-    n = ctx["nll_n"] or len(x)
-    k = ctx["k"]
+    n, k = ctx["nll_n"], ctx["k"]
     total = 0.0
     batch = max(1, min(ctx["batch_size"], 2**22 // max(1, k)))
     likelihood = likelihood_for(model, n * k * x[0].numel(), x.device)
@@ -142,7 +141,7 @@ def nll_marginal_metric(model, x, y, ctx):
 
     p(x|y) by importance sampling with k samples per label, the sum over labels exact, p(y) the
     training labels' frequencies; on the images `nll` uses (its `nll_n`)."""
-    n, k = ctx["nll_n"] or len(x), ctx["k"]
+    n, k = ctx["nll_n"], ctx["k"]
     counts = torch.bincount(ctx["data"].train.y.cpu(), minlength=model.num_classes).double()
     labels = [c for c in range(model.num_classes) if counts[c] > 0]
     log_prior = (counts[labels] / counts.sum()).log().to(x.device)
@@ -204,7 +203,7 @@ def evaluate(model, x: torch.Tensor, y: torch.Tensor | None, *, k: int = 5000, n
     was_training = model.training
     model.eval()
     device = x.device
-    ctx = {"k": k, "nll_n": nll_n, "batch_size": batch_size, "seed": seed, "device": device,
+    ctx = {"k": k, "nll_n": min(nll_n, len(x)) or len(x), "batch_size": batch_size, "seed": seed, "device": device,
            "generator": torch.Generator(device).manual_seed(seed),
            "data": data, "cache_dir": cache_dir, "quality_n": quality_n,
            "quality": data is not None and cache_dir is not None and quality_n > 0}

@@ -179,6 +179,14 @@ def test_iwae_tightens_towards_log_px_as_k_grows(ppca, images):
     assert abs(gaps[1000]) < 0.02 * abs(gaps[1])
 
 
+def test_an_nll_n_beyond_the_test_split_means_every_image_not_more(ppca, images):
+    """nll_n = 500 on 269 digits divided the sum over 269 images by 500 and logged nll_n = 500."""
+    model = ppca.vae()
+    every = evaluate(model, images, None, k=10, batch_size=128, metrics=["nll"]).metrics
+    beyond = evaluate(model, images, None, k=10, batch_size=128, metrics=["nll"], nll_n=10 * len(images)).metrics
+    assert beyond == every and beyond["nll_n"] == len(images)
+
+
 def test_evaluate_reports_the_exact_numbers(ppca, images):
     model = ppca.vae()
     result = evaluate(model, images, None, k=10, batch_size=128)

@@ -113,6 +113,17 @@ def test_the_best_trials_are_ranked_by_the_objective_with_sampled_values_and_tes
     assert rows[0].startswith(f"| {study.best_trial.number} |")
 
 
+def test_a_searched_choice_of_names_is_shown_as_it_is():
+    """A categorical search over loss = ["bce", "mse"] crashed the report: every sampled value was
+    formatted as a number."""
+    from bench.report.document import best_trials_table
+
+    done = pd.DataFrame({"trial": [0, 1], "objective": [30.0, 29.0], "loss": ["bce", "mse"], "lr": [1e-3, 2e-3]})
+    header, rows = best_trials_table(done, ["loss", "lr"], [], "minimize")
+    assert header[:4] == ["trial", "objective", "loss", "lr"]
+    assert [row[:4] for row in rows] == [["1", "29.00", "mse", "0.002"], ["0", "30.00", "bce", "0.001"]]
+
+
 def test_pruned_trials_are_listed_with_the_epoch_each_stopped_at(report, store):
     text = (report / "report.md").read_text()
     listed = text.split("## Failed and pruned trials")[1]

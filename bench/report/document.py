@@ -91,7 +91,8 @@ def best_trials_table(done: pd.DataFrame, params: list[str], metrics, direction:
     """The `top` finished trials by the objective, with their sampled values and test metrics."""
     best = done.sort_values("objective", ascending=direction != "maximize").head(top)
     shown = [m for m in metrics if m in best and best[m].notna().any()]
-    rows = [[str(r["trial"]), f"{r['objective']:.2f}", *(f"{r[p]:.4g}" for p in params),
+    rows = [[str(r["trial"]), f"{r['objective']:.2f}", *(f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p])
+                                                          for p in params),
              *(_or_dash(r[m], f"{r[m]:.2f}") for m in shown),
              _or_dash(r.get("trial_seconds"), f"{r.get('trial_seconds', 0):.1f}")] for _, r in best.iterrows()]
     return ["trial", "objective", *params, *shown, "seconds"], rows

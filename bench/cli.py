@@ -64,6 +64,10 @@ def cmd_train(args):
     from bench.data import load_dataset
 
     cfg = _run_config(args)  # bad values fail here, before the heavier imports below
+    from bench.locations import name_problem
+
+    if problem := name_problem(args.experiment):
+        raise BenchError(f"--experiment {args.experiment[:60]!r}: {problem}")
     data = load_dataset(cfg.dataset, cfg.binarize)
     from bench import tracking
     from bench.trial import check_config, run_tracked

@@ -19,6 +19,16 @@ _CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<se
 _DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "MySQLdb")}
 
 
+def name_problem(name: str) -> str | None:
+    """Why a study or experiment name cannot name the folders it gets under results/
+    (artifacts/<name>, reports/, .<name>.spec.json), or None: a "../x" wrote outside them."""
+    if not name.strip():
+        return "it is empty"
+    if len(name) > 100 or name.strip() in (".", "..") or re.search(r"[/\\\x00-\x1f]", name):
+        return "a name becomes a folder: use at most 100 characters and no /, \\ or control characters"
+    return None
+
+
 def sqlite_url(path: str | Path) -> str:
     return f"{SQLITE}{Path(path).resolve()}"
 

@@ -10,6 +10,7 @@ import json
 
 from bench.config import RunConfig, field_names, field_types
 from bench.errors import ConfigError, RegistryError, SpecError
+from bench.locations import name_problem
 from bench.registry import ARCHS, DATASETS, LOSSES, METRICS, MODELS
 
 
@@ -126,8 +127,8 @@ def _typed(key: str, value, kind, where: str, file: str):
 def _study(table: dict, file: str) -> dict:
     study = _read(table, STUDY_KEYS, where := "[study]", file)
     seeds, objective, direction = study["seeds"], study["objective"], study["direction"]
-    if not study["name"].strip():
-        raise SpecError(f"empty name in [study] of {file}: name the study, e.g. name = \"default\"")
+    if problem := name_problem(study["name"]):
+        raise SpecError(f"name = {study['name'][:60]!r} in [study] of {file}: {problem}; e.g. name = \"default\"")
     if study["dataset"] != "auto":  # "auto": the runner picks one of AUTO_DATASETS
         _field_value("dataset", study["dataset"], where, file)
     _field_value("binarize", study["binarize"], where, file)

@@ -55,6 +55,8 @@ BAD_INPUTS = {
     "unknown model": (train(model="vea"), ["unknown model 'vea'", "did you mean 'vae'"], None),
     "latent not a number": (train(latent="two"), ["--latent", "invalid int value: 'two'"], None),
     "unknown command": (["trian"], ["invalid choice: 'trian'"], None),
+    "experiment outside results": (train(experiment="../../elsewhere"),
+                                   ["--experiment '../../elsewhere'", "no /, \\ or control characters"], None),
     "unknown key in a spec": (["sweep", "{typo_spec}"], ["unknown key 'epoch' in [study] of typo.toml",
                                                          "epochs"], None),
     "unknown paper table": (["table", "nope"], ["unknown paper table 'nope'"], missing("bench.tables")),

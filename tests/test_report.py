@@ -296,6 +296,19 @@ def test_default_experiment_is_the_one_with_the_newest_trial(tmp_path, mlflow_ur
         write_report("train", results=tmp_path)
 
 
+def test_studies_whose_names_differ_only_in_punctuation_get_folders_of_their_own(tmp_path, mlflow_uri):
+    """"a b c" and "a_b_c" both wrote reports/a_b_c/, the second overwriting the first."""
+    client = tracking.connect(mlflow_uri)
+    for name in ("a_b_c", "a b c"):
+        run_id = tracking.start_trial_run(client, tracking.experiment_id(client, name), RunConfig(dataset="digits"),
+                                          run_name="t", tags={tracking.STUDY: name, tracking.TRIAL: 0})
+        tracking.end_run(client, run_id, "FAILED", f"boom in {name}")
+    plain, spaced = (write_report(name, results=tmp_path) for name in ("a_b_c", "a b c"))
+    assert plain.name == "a_b_c" and spaced.name.startswith("a_b_c-") and plain != spaced
+    assert "boom in a_b_c" in (plain / "report.md").read_text()
+    assert "boom in a b c" in (spaced / "report.md").read_text()
+
+
 @pytest.mark.slow
 def test_report_on_the_smoke_study(tmp_path, new_store, monkeypatch):
     from bench.spec import load_spec

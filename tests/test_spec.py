@@ -288,6 +288,10 @@ MISTAKES = [
     ({**BASE, "fixed": [1, 2]}, ["fixed in tiny.toml must be a table"]),
     # empty, duplicate, out-of-range values
     (spec_with(grid={"latent": []}), ["empty latent in [grid]"]),
+    (spec_with(study={"name": " "}), ["name = ' ' in [study]", "empty"]),
+    # a name becomes folders under results/: "../x" wrote artifacts outside them
+    *((spec_with(study={"name": name}), [f"name = {name[:60]!r} in [study]", "no /, \\ or control characters"])
+      for name in ("../../escaped", "/tmp/abs", "a\\b", "..", "tab\there", "x" * 101)),
     (spec_with(study={"seeds": []}), ["seeds in [study]", "non-empty list"]),
     (spec_with(study={"seeds": 0}), ["seeds = [0]"]),
     (spec_with(study={"seeds": [0, 0]}), ["duplicate seeds"]),

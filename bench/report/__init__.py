@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import re
 import warnings
 from pathlib import Path
@@ -59,6 +60,8 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
     experiment = experiment or latest_experiment(client, uri)
     runs = load_runs(uri, experiment)
     safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", experiment).strip("._") or "experiment"
+    if safe_name != experiment:  # "a b c" and "a_b_c" must not share (and overwrite) one folder
+        safe_name += "-" + hashlib.sha256(experiment.encode()).hexdigest()[:8]
     out = results / "reports" / safe_name
     (out / "figures").mkdir(parents=True, exist_ok=True)
     axes, done, context = grid_axes(runs), finished(runs), context_of(runs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from bench.errors import ConfigError
@@ -58,10 +59,13 @@ class RunConfig:
         if self.quality_n == 1:  # one sample has no covariance: the Frechet distance fails
             raise ConfigError("quality_n must be 0 (off) or at least 2, got 1: the Frechet distance needs "
                               "the covariance of 2 or more samples")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr!r}")
-        if self.beta < 0 or self.weight_decay < 0:
-            raise ConfigError("beta and weight_decay must be >= 0")
+        if self.seed >= 2**32:  # numpy's and Optuna's samplers take seeds below 2**32
+            raise ConfigError(f"seed must be below 2**32 = 4294967296, got {self.seed}")
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"lr must be a finite number > 0, got {self.lr!r}")
+        for name in ("beta", "weight_decay"):  # nan passed `< 0` and trained to a misleading divergence
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ConfigError(f"{name} must be a finite number >= 0, got {getattr(self, name)!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
         for name, allowed in (("binarize", BINARIZATIONS), ("warmup_schedule", WARMUP_SCHEDULES),

@@ -63,9 +63,9 @@ def connect(uri: str) -> MlflowClient:
     locations.ensure_parent(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)
-    mlflow.set_tracking_uri(uri)
-    client = MlflowClient(tracking_uri=uri)
-    try:
+    try:  # a bad URI, a file that is no database or a folder fails in the client's constructor
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(tracking_uri=uri)
         client.search_experiments(max_results=1)
     except Exception as e:  # noqa: BLE001 - MlflowException, SQLAlchemy and HTTP errors alike
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

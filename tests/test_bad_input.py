@@ -83,7 +83,7 @@ CASES = {
     "unknown dataset": (["train", "--dataset", "fashion", "--device", "cpu"], {}, ["unknown dataset 'fashion'"]),
     "zero latent": (TRAIN + ["--latent", "0"], {}, ["latent must be a positive integer, got 0"]),
     "negative batch size": (TRAIN + ["--batch-size", "-5"], {}, ["batch_size must be a positive integer, got -5"]),
-    "negative lr": (TRAIN + ["--lr", "-0.1"], {}, ["lr must be > 0"]),
+    "negative lr": (TRAIN + ["--lr", "-0.1"], {}, ["lr must be a finite number > 0"]),
     "dropout of 1": (TRAIN + ["--dropout", "1"], {}, ["dropout must be in [0, 1)"]),
     "unknown optimizer": (TRAIN + ["--optimizer", "sgd"], {}, ["optimizer must be one of adam, adamnormgrad"]),
     "negative workers": (["sweep", "{tmp}/spec.toml", "--workers", "-1"], {"spec.toml": GOOD_STUDY},

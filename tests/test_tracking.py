@@ -70,6 +70,15 @@ def study(tmp_path_factory, new_store, digits):
     return SimpleNamespace(root=root, uri=uri, client=client, exp_id=exp_id, parent=parent, trials=trials)
 
 
+@pytest.mark.parametrize("uri", ["garbage", "sqlite:///{tmp}/noise.db"])  # a plain path; a file of noise
+def test_a_store_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path, uri):
+    from bench.errors import TrackingError
+
+    (tmp_path / "noise.db").write_bytes(bytes(range(256)) * 64)
+    with pytest.raises(TrackingError, match="cannot open MLflow store .*; check the tracking URI"):
+        tracking.connect(uri.format(tmp=tmp_path))
+
+
 def test_each_trial_is_one_finished_run_nested_under_the_study_run(study):
     runs = study.client.search_runs([study.exp_id])
     assert len(runs) == 1 + len(MODELS)

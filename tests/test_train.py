@@ -3,6 +3,7 @@ epoch takes well under a second on a CPU)."""
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ import bench.data
 import bench.train
 from bench.config import RunConfig
 from bench.data import load_dataset
-from bench.errors import DivergedError
+from bench.errors import ConfigError, DivergedError
 from bench.models.vae import VAE
 from bench.registry import MODELS
 from bench.train import fit, kl_weight, load_checkpoint
@@ -68,6 +69,17 @@ def test_same_seed_same_numbers_other_seed_other_numbers(digits):
     other = train(config(seed=4), digits)
     assert other.history[0]["train/loss"] != first.history[0]["train/loss"]
     assert other.history[-1]["val/elbo"] != first.history[-1]["val/elbo"]
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("seed", 2**32, "seed must be below 2**32"),  # numpy's and Optuna's samplers crashed on it
+    ("lr", math.inf, "lr must be a finite number > 0"),
+    ("beta", math.nan, "beta must be a finite number >= 0"),  # nan trained, then "lower lr"
+    ("weight_decay", math.inf, "weight_decay must be a finite number >= 0"),
+])
+def test_a_config_refuses_values_training_cannot_use(field, value, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        RunConfig(**{field: value})
 
 
 def test_a_huge_learning_rate_diverges_with_a_clear_error(digits):

@@ -273,6 +273,18 @@ def test_parallel_workers_of_a_search_sample_different_configurations(results, s
     assert len({t.params["lr"] for t in trials}) == 4
 
 
+def test_a_cmaes_search_runs_every_trial(results):
+    """sampler = "cmaes" is a spec's option, but Optuna's CMA-ES needs the cmaes package: without it
+    every trial after the first failed with ModuleNotFoundError."""
+    spec = parse_spec({**search_spec("cmaes", n_trials=3).to_dict(),
+                       "search": {"n_trials": 3, "sampler": "cmaes", "pruner": "none", "params": {
+                           "lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+                           "beta": {"type": "float", "low": 0.5, "high": 2.0}}}})
+    outcome = sweep.run_study(spec, results=results, progress=False)
+    assert outcome.failed == []
+    assert [t.state for t in optuna_trials(spec, results)] == [TrialState.COMPLETE] * 3
+
+
 def test_a_trial_samples_from_a_stream_of_its_own_the_same_on_every_run():
     spec = search_spec("streams", n_trials=2)
 

@@ -19,6 +19,22 @@ _CREDENTIALS = re.compile(r"(?P<head>[a-zA-Z][a-zA-Z0-9+.-]*://[^:/@\s]*):(?P<se
 _DRIVERS = {"postgresql": ("psycopg", "psycopg2"), "mysql": ("pymysql", "MySQLdb")}
 
 
+def env_seconds(name: str, default: float, kind=int, minimum: float = 1):
+    """A period in seconds from the environment variable `name`, else `default`: a value that is
+    no number or below `minimum` is one line naming the variable, not a traceback at import."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return kind(default)
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not minimum <= value < float("inf"):
+        raise BenchError(f"{name}={text!r} must be {'an integer' if kind is int else 'a number'} of seconds "
+                         f">= {minimum:g}: fix it or unset it (default {default:g})")
+    return value
+
+
 def name_problem(name: str) -> str | None:
     """Why a study or experiment name cannot name the folders it gets under results/
     (artifacts/<name>, reports/, .<name>.spec.json), or None: a "../x" wrote outside them."""

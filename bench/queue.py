@@ -5,7 +5,6 @@ trial and beats while it trains. Everything here decides whether a cell runs exa
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import warnings
@@ -24,8 +23,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 
 # A running trial beats this often, and is failed (then retried, resuming from its saved state)
 # once silent this long; the environment may shorten both (the recovery tests do).
-HEARTBEAT_S = int(os.environ.get("VAEBENCH_HEARTBEAT_S", 20))
-GRACE_S = int(os.environ.get("VAEBENCH_GRACE_S", 60))
+HEARTBEAT_S = locations.env_seconds("VAEBENCH_HEARTBEAT_S", 20)
+GRACE_S = locations.env_seconds("VAEBENCH_GRACE_S", 60)
 CELL, SLOT, ATTEMPT, REASON = "cell", "slot", "attempt", "fail_reason"
 IDENTITY = "identity"  # JSON of everything that shapes the cell's runs (see `identity`)
 BEAT = "heartbeat"     # wall-clock time of the last beat, where the storage has no heartbeats

@@ -24,6 +24,7 @@ import torch
 from bench.config import RunConfig, config_changes
 from bench.errors import CheckpointError, ConfigError, DivergedError
 from bench.evaluate import EVAL_SEED, elbo_terms, reconstruction_errors
+from bench.locations import env_seconds
 from bench.models import create_model
 
 VAL_BATCH = 1000
@@ -152,7 +153,7 @@ def _progress_bar(enabled: bool | None, total: int, first: int):
 
 STATE_FILE = "state.pt"   # the whole training state, for resuming a killed trial
 # written at most this often (and at the last epoch); the recovery tests set 0 (every epoch)
-STATE_EVERY_S = float(os.environ.get("VAEBENCH_STATE_EVERY_S", 30))
+STATE_EVERY_S = env_seconds("VAEBENCH_STATE_EVERY_S", 30, float, minimum=0)
 
 
 def _rng_states(device: torch.device, order_gen: torch.Generator) -> dict:

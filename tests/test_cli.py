@@ -304,6 +304,16 @@ def test_bench_ui_serves_the_study_store_without_its_url_on_the_command_line(tmp
         ui.wait(timeout=30)
 
 
+@pytest.mark.parametrize("name,value", [("VAEBENCH_GRACE_S", "1.5"), ("VAEBENCH_HEARTBEAT_S", "0"),
+                                        ("VAEBENCH_STATE_EVERY_S", "soon")])
+def test_a_bad_period_in_the_environment_is_one_line_naming_the_variable(tmp_path, name, value):
+    """They were read at import: int("1.5") was a traceback, and a heartbeat of 0 blamed --results."""
+    done = subprocess.run([sys.executable, "-m", "bench", "worker", "smoke", "--results", str(tmp_path)],
+                          cwd=REPO, env={**os.environ, name: value}, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert done.stderr.splitlines() == [done.stderr.strip()] and f"{name}={value!r}" in done.stderr
+
+
 REAL_LOAD = bench.data.load_dataset
 
 

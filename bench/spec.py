@@ -265,6 +265,10 @@ def _check_combinations(spec: StudySpec, file: str) -> None:
     sources = {**{name: ("[fixed]", (value,)) for name, value in spec.fixed},
                **{name: ("[grid]", values) for name, values in spec.grid},
                **{p.name: ("[search.params]", p.choices) for p in (spec.search.params if spec.search else ())}}
+    if spec.search and spec.search.pruner == "hyperband" and len(spec.cells()) > 1:
+        raise SpecError(f"pruner = \"hyperband\" in [search] of {file} would judge each trial against the "
+                        f"other cells (grid points and seeds) too, as Optuna's brackets span the study: use "
+                        f"pruner = \"median\" (per cell) or \"none\", or search one cell")
     where, models = sources.get("model", ("the RunConfig default", (RunConfig().model,)))
     for model in models:
         if spec.objective in VARIATIONAL_OBJECTIVES and not MODELS.get(model).variational:

@@ -13,6 +13,7 @@ import optuna
 from bench import locations
 from bench.data import auto_dataset
 from bench.errors import StudyError
+from bench.queue import CELL
 from bench.spec import StudySpec
 
 SPEC_HASH = "spec_sha256"
@@ -44,9 +45,34 @@ def sampler(spec: StudySpec, trial: int | None = None) -> optuna.samplers.BaseSa
 
 def pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
     name = spec.search.pruner if spec.search else "none"
-    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    return {"median": lambda: CellPruner(optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1)),
             "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1, max_resource=spec.epochs),
             "none": optuna.pruners.NopPruner}[name]()
+
+
+class CellPruner(optuna.pruners.BasePruner):
+    """`inner`, judging a trial against the trials of its own cell only: one Optuna study holds
+    every cell of a grid search, and a vae's trials were pruned against an ae's (a cell was lost)."""
+
+    def __init__(self, inner: optuna.pruners.BasePruner):
+        self.inner = inner
+
+    def prune(self, study: optuna.Study, trial) -> bool:
+        return self.inner.prune(_OneCell(study, trial.user_attrs.get(CELL)), trial)
+
+
+class _OneCell:
+    """The study as a pruner reads it (its trials, direction), narrowed to the trials of `cell`."""
+
+    def __init__(self, study: optuna.Study, cell: str | None):
+        self._study, self._cell = study, cell
+
+    def get_trials(self, deepcopy: bool = True, states=None) -> list:
+        return [t for t in self._study.get_trials(deepcopy=deepcopy, states=states)
+                if t.user_attrs.get(CELL) == self._cell]
+
+    def __getattr__(self, name):
+        return getattr(self._study, name)
 
 
 def open_study(spec: StudySpec, storage, create: bool) -> optuna.Study:

@@ -288,6 +288,9 @@ MISTAKES = [
     ({**BASE, "fixed": [1, 2]}, ["fixed in tiny.toml must be a table"]),
     # empty, duplicate, out-of-range values
     (spec_with(grid={"latent": []}), ["empty latent in [grid]"]),
+    ({**BASE, "search": {"n_trials": 2, "pruner": "hyperband", "params": {"beta": {"type": "float", "low": 0.5,
+                                                                                  "high": 2.0}}}},
+     ['pruner = "hyperband" in [search] of tiny.toml', "grid points and seeds", '"median" (per cell)']),
     (spec_with(study={"name": " "}), ["name = ' ' in [study]", "empty"]),
     # a name becomes folders under results/: "../x" wrote artifacts outside them
     *((spec_with(study={"name": name}), [f"name = {name[:60]!r} in [study]", "no /, \\ or control characters"])

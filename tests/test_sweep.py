@@ -320,6 +320,29 @@ def test_pruned_trials_are_pruned_in_optuna_and_killed_in_mlflow(results, monkey
     assert sweep.run_study(spec, results=results, progress=False).trained_now == 0
 
 
+def test_the_median_pruner_judges_a_trial_against_its_own_cell_only():
+    """One Optuna study holds every cell of a grid search: a vae trial was pruned against the ae's
+    epochs (on a grid model = ["ae", "vae"], every vae trial; the vae row was lost)."""
+    def finished(cell, value):
+        return optuna.trial.create_trial(value=value, intermediate_values={1: value}, user_attrs={"cell": cell},
+                                         params={}, distributions={})
+
+    pruned_by = optuna.create_study(pruner=study.pruner(search_spec("cells", n_trials=4)))
+    for value in (20.0, 21.0, 22.0):  # model=ae: much lower numbers
+        pruned_by.add_trial(finished("model=ae,seed=0", value))
+    for value in (30.0, 31.0, 32.0):  # model=vae: a scale of its own
+        pruned_by.add_trial(finished("model=vae,seed=0", value))
+
+    def pruned(value: float) -> bool:  # a vae trial at epoch 1
+        running = pruned_by.ask()
+        running.set_user_attr("cell", "model=vae,seed=0")
+        running.report(value, step=1)
+        return running.should_prune()
+
+    assert not pruned(30.5)  # better than the vae median (31); worse than the median of all six (26)
+    assert pruned(31.5)      # worse than the vae median
+
+
 @pytest.mark.parametrize("pruner", ["median", "hyperband"])
 def test_a_seeded_search_sees_its_pruner_prune(results, pruner):
     # lr from 1e-5 (hardly learns) to 3e-2: over 10 trials of 4 epochs the real pruner (no

@@ -243,13 +243,18 @@ def outcome(spec: StudySpec, url: str, uri: str, trained: int = 0, seconds: floa
 
 
 def comparison(spec: StudySpec, trials) -> str:
-    """The top-line table: mean ± std over seeds of the objective and test metrics per cell."""
+    """The top-line table: mean ± std over seeds of the objective and test metrics per cell; of a
+    search's trials in a cell, the best by the objective stands for it (as in the report)."""
     import pandas as pd
 
-    rows = []
+    best = {}
     for t in trials:
-        if t.state != TrialState.COMPLETE:
-            continue
+        if t.state == TrialState.COMPLETE:
+            key = t.user_attrs.get(queue.CELL, t.number)
+            if key not in best or (t.value > best[key].value) == (spec.direction == "maximize"):
+                best[key] = t
+    rows = []
+    for t in best.values():
         row = {name: value for name, value in t.params.items() if name != "seed" and name in dict(spec.grid)}
         row.update({"objective": t.value, **{k: v for k, v in t.user_attrs.items() if k.startswith("test/")}})
         rows.append(row)

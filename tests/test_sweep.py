@@ -251,6 +251,9 @@ def test_a_search_trains_n_trials_per_cell_and_reports_every_epoch(results):
     assert sorted(t.user_attrs["slot"] for t in trials) == [0, 1, 2]
     assert len({t.params["lr"] for t in trials}) == 3
     assert all(1e-4 <= t.params["lr"] <= 1e-2 for t in trials)
+    # the top-line table: the best of a cell's trials for its one seed, not the mean of all three
+    [row] = [line.split() for line in outcome.summary.splitlines() if line.startswith("all ") and "±" in line]
+    assert row[1] == f"{max(t.value for t in trials):.2f}" and row[-1] == "1"
     client, *_ = mlflow_study(spec, results)
     for trial in trials:  # what the pruner saw is what MLflow logged, epoch by epoch
         run = client.get_run(trial.user_attrs["run_id"])

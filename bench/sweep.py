@@ -74,6 +74,10 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
     tracking.fail_orphaned_runs(client, exp_id, spec.name, running)
     queue.queue_missing(spec, study)  # refuses a changed spec before the study records it
     study.set_user_attr(SPEC_HASH, spec.sha256)
+    # the spec and code now in charge (after --restart, another file): the report names them
+    tracking.set_tags(client, parent, {"vaebench.spec": spec.path or "<dict>", "vaebench.dataset": spec.dataset,
+                                       **tracking.environment_tags()})
+    client.set_experiment_tag(exp_id, "vaebench.spec_sha256", spec.sha256)
     study.set_user_attr("spec", locations.redact(json.dumps(spec.to_dict())))
     study.set_user_attr("dataset", spec.dataset)
     return study, exp_id, parent

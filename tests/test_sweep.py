@@ -212,6 +212,19 @@ def test_ctrl_c_after_a_run_finished_keeps_it_and_the_rerun_does_not_train_it_ag
         "lr=0.001,seed=0", "lr=0.002,seed=0"]  # one FINISHED run per cell
 
 
+def test_after_a_restart_the_study_names_the_spec_now_in_charge(results, tmp_path):
+    """--restart with an edited spec file kept the first file's name and hash on the study's run and
+    experiment, and the report named the old spec."""
+    first, second = tmp_path / "first.toml", tmp_path / "second.toml"
+    for path, epochs in ((first, 1), (second, 2)):
+        path.write_text(f'[study]\nname = "restarted"\ndataset = "digits"\nepochs = {epochs}\n'
+                        f'objective = "val/bce"\n[fixed]\nlatent = 2\neval_k = 5\neval_n = 50\nquality_n = 0\n')
+        sweep.run_study(load_spec(path), results=results, progress=False, restart=True)
+    client, exp_id, [parent], _ = mlflow_study(load_spec(second), results)
+    assert client.get_run(parent).data.tags["vaebench.spec"] == str(second)
+    assert client.get_experiment(exp_id).tags["vaebench.spec_sha256"] == load_spec(second).sha256
+
+
 def test_a_worker_without_a_queued_study_says_how_to_start_one(results):
     with pytest.raises(StudyError, match="no study 'nothing' in this storage yet"):
         sweep.run_worker(tiny_spec("nothing"), results=results, progress=False)

@@ -80,8 +80,12 @@ def secrets(url: str) -> list[str]:
 
 
 def check_driver(url: str, what: str) -> None:
-    """Fail in one line when the database driver for `url` is not installed (the `scale`
-    extra brings psycopg 3, SQLAlchemy 2.1's driver for postgresql://)."""
+    """Fail in one line when `url` cannot hold a study: a sqlite URL without a file (an in-memory
+    store loses every run when the process ends), or a database whose driver is not installed
+    (the `scale` extra brings psycopg 3, SQLAlchemy 2.1's driver for postgresql://)."""
+    if url.startswith("sqlite:") and (not url.removeprefix("sqlite:").strip("/") or url.endswith(":memory:")):
+        raise BenchError(f"{what} {url!r} names no file: its runs would live in memory and be lost; "
+                         "give sqlite:///PATH")
     scheme = url.split("://", 1)[0] if "://" in url else ""
     dialect, _, driver = scheme.partition("+")
     names = (driver,) if driver else _DRIVERS.get(dialect, ())

@@ -70,6 +70,18 @@ def study(tmp_path_factory, new_store, digits):
     return SimpleNamespace(root=root, uri=uri, client=client, exp_id=exp_id, parent=parent, trials=trials)
 
 
+@pytest.mark.parametrize("uri", ["sqlite:///", "sqlite://", "sqlite:///:memory:"])
+def test_a_store_in_memory_is_refused_before_anything_trains(uri):
+    """VAEBENCH_TRACKING_URI=sqlite:/// ran a study into memory: every run lost, exit 0, and the
+    Optuna trials COMPLETE, so the next run would not train them again."""
+    from bench import queue
+    from bench.errors import BenchError
+
+    for open_store, what in ((tracking.connect, "MLflow tracking store"), (queue.open_storage, "Optuna storage")):
+        with pytest.raises(BenchError, match=re.escape(f"{what} {uri!r} names no file")):
+            open_store(uri)
+
+
 @pytest.mark.parametrize("uri", ["garbage", "sqlite:///{tmp}/noise.db"])  # a plain path; a file of noise
 def test_a_store_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path, uri):
     from bench.errors import TrackingError

@@ -106,14 +106,19 @@ def _spec(args):
     return override(spec, **changes) if changes else spec
 
 
-def _positive(text: str) -> int:
+def _positive(text: str, most: int | None = None) -> int:
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    if value < 1 or (most is not None and value > most):
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1{f' and <= {most}' if most else ''}, "
+                                         f"got {text!r}")
     return value
+
+
+def _port(text: str) -> int:  # uvicorn's traceback for port 99999 ended in exit 0
+    return _positive(text, 65535)
 
 
 def cmd_sweep(args):
@@ -196,6 +201,8 @@ def cmd_table(args):
     from bench import sweep
     from bench.tables import PAPERS, paper_named, paper_spec, write_table
 
+    if args.workers < 0:
+        raise BenchError(f"--workers must be >= 0 (0 only queues the cells), got {args.workers}")
     names = list(PAPERS) if args.name == "all" else [args.name]
     for name in names:
         if name not in PAPERS:
@@ -318,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--restart", action="store_true",
                            help="delete the study's trials and MLflow runs first (after changing its spec on purpose)")
         else:
-            p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+            p.add_argument("--threads", type=_positive, help="torch threads (default: torch's)")
             p.add_argument("--worker-id", type=int, default=1)
         p.set_defaults(func=func)
 
@@ -345,15 +352,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("services", help="start or stop a local PostgreSQL + MLflow server (scale-out)")
     p.add_argument("action", choices=["start", "stop"])
-    p.add_argument("--pg-port", type=int, help="PostgreSQL port (default: a free one)")
-    p.add_argument("--mlflow-port", type=int, help="MLflow server port (default: a free one)")
+    p.add_argument("--pg-port", type=_port, help="PostgreSQL port (default: a free one)")
+    p.add_argument("--mlflow-port", type=_port, help="MLflow server port (default: a free one)")
     _add_results(p)
     p.set_defaults(func=cmd_services)
 
     for name, func, port in (("ui", cmd_ui, 5000), ("dashboard", cmd_dashboard, 8080)):
         p = sub.add_parser(name, help="mlflow ui on the study's store" if name == "ui" else "optuna-dashboard")
         p.add_argument("--host", default="127.0.0.1")
-        p.add_argument("--port", type=int, default=port)
+        p.add_argument("--port", type=_port, default=port)
         p.add_argument("--tracking-uri" if name == "ui" else "--storage")
         _add_results(p)
         p.set_defaults(func=func)

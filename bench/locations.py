@@ -4,6 +4,7 @@ its password. Every line that shows a URL or an error about one goes through `re
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
@@ -77,6 +78,29 @@ def redact(text: str) -> str:
 def secrets(url: str) -> list[str]:
     """The passwords inside `url` (to check that none leaks)."""
     return [m["secret"] for m in _CREDENTIALS.finditer(url) if m["secret"]]
+
+
+# the table that marks each kind of store in a sqlite file
+STORE_TABLE = {"Optuna storage": "studies", "MLflow tracking store": "experiments"}
+
+
+def check_not_the_other_store(url: str, what: str) -> None:
+    """Fail in one line when the sqlite file at `url` holds the other kind of store (`what` is a
+    key of STORE_TABLE): opening an Optuna storage as an MLflow store, or back, migrated it."""
+    import sqlite3
+
+    path = sqlite_path(url)
+    if path is None or not path.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.Error:
+        return  # not a database at all: opening it says so
+    [(other, table)] = [(kind, t) for kind, t in STORE_TABLE.items() if kind != what]
+    if table in tables and STORE_TABLE[what] not in tables:
+        raise BenchError(f"{url} is an {other}, not an {what}: swap --storage and --tracking-uri "
+                         f"(or VAEBENCH_STORAGE and VAEBENCH_TRACKING_URI)")
 
 
 def check_driver(url: str, what: str) -> None:

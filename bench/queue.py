@@ -42,6 +42,7 @@ def open_storage(url: str):
         path.parent.mkdir(parents=True, exist_ok=True)
         return JournalStorage(JournalFileBackend(str(path)))
     locations.check_driver(url, "Optuna storage")
+    locations.check_not_the_other_store(url, "Optuna storage")
     path = locations.sqlite_path(url)
     kwargs = {"engine_kwargs": {"pool_pre_ping": True} if path is None else {"connect_args": {"timeout": 60}}}
     try:

@@ -60,6 +60,7 @@ def connect(uri: str) -> MlflowClient:
     the coordinating process before workers start: concurrent creation of one store crashes.
     A tracking server that does not answer fails here, in one line, before anything trains."""
     locations.check_driver(uri, "MLflow tracking store")
+    locations.check_not_the_other_store(uri, "MLflow tracking store")
     locations.ensure_parent(uri)
     if uri.startswith(("http://", "https://")):
         _check_server(uri)

@@ -82,6 +82,23 @@ def test_a_store_in_memory_is_refused_before_anything_trains(uri):
             open_store(uri)
 
 
+def test_the_two_stores_swapped_are_refused_and_left_as_they_were(tmp_path, new_store):
+    """--tracking-uri pointing at optuna.db migrated it into an MLflow store too (a traceback), and
+    --storage pointing at mlflow.db added Optuna's tables to it."""
+    import hashlib
+
+    from bench import queue
+    from bench.errors import BenchError
+
+    new_store(tmp_path)
+    digest = {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in ("mlflow.db", "optuna.db")}
+    with pytest.raises(BenchError, match="optuna.db is an Optuna storage, not an MLflow tracking store: swap"):
+        tracking.connect(f"sqlite:///{tmp_path / 'optuna.db'}")
+    with pytest.raises(BenchError, match="mlflow.db is an MLflow tracking store, not an Optuna storage: swap"):
+        queue.open_storage(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert digest == {name: hashlib.sha256((tmp_path / name).read_bytes()).hexdigest() for name in digest}
+
+
 @pytest.mark.parametrize("uri", ["garbage", "sqlite:///{tmp}/noise.db"])  # a plain path; a file of noise
 def test_a_store_that_cannot_be_opened_is_one_line_not_a_traceback(tmp_path, uri):
     from bench.errors import TrackingError

@@ -271,6 +271,13 @@ def test_experiment_without_runs_and_store_without_experiments_give_clear_errors
         write_report("empty", results=tmp_path)
 
 
+def test_an_unreadable_optuna_storage_is_an_error_not_a_report_without_its_search(store, tmp_path):
+    """A corrupt optuna.db made the report leave out a search's sections without a word."""
+    (tmp_path / "optuna.db").write_bytes(b"not a database" * 100)
+    with pytest.raises(ReportError, match="cannot read Optuna storage .*optuna.db: .*move the file away"):
+        write_report(STUDY, results=tmp_path, tracking_uri=store[1])
+
+
 def test_no_store_is_an_error_not_a_new_empty_store(tmp_path):
     with pytest.raises(ReportError, match="no MLflow store at .*make sweep"):
         write_report(None, results=tmp_path)

@@ -163,6 +163,10 @@ def optuna_study(storage: str, name: str):
     try:
         with warnings.catch_warnings(action="ignore"):
             study = optuna.load_study(study_name=name, storage=storage)
-    except Exception:  # noqa: BLE001 - no such study, or no storage at that URL: no search section
+    except KeyError:  # no such study (runs trained by a study in another storage): no search section
         return None, {}
+    except Exception as e:  # noqa: BLE001 - a storage that cannot be read must not silently drop a section
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ReportError(locations.redact(f"cannot read Optuna storage {storage}: {first}; fix --storage, or move "
+                                           "the file away to report from MLflow alone")) from None
     return study, json.loads(study.user_attrs.get("spec", "{}"))

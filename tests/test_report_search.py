@@ -124,6 +124,16 @@ def test_a_searched_choice_of_names_is_shown_as_it_is():
     assert [row[:4] for row in rows] == [["1", "29.00", "mse", "0.002"], ["0", "30.00", "bce", "0.001"]]
 
 
+def test_a_grid_searchs_best_trials_name_their_cell():
+    """A search inside a grid over model listed its best trials with nothing saying which model."""
+    from bench.report.document import best_trials_table
+
+    done = pd.DataFrame({"trial": [0, 1], "objective": [30.0, 29.0], "model": ["vae", "ae"], "lr": [1e-3, 2e-3]})
+    header, rows = best_trials_table(done, ["lr"], [], "minimize", axes=["model"])
+    assert header[:4] == ["trial", "cell", "objective", "lr"]
+    assert [row[:3] for row in rows] == [["1", "ae", "29.00"], ["0", "vae", "30.00"]]
+
+
 def test_pruned_trials_are_listed_with_the_epoch_each_stopped_at(report, store):
     text = (report / "report.md").read_text()
     listed = text.split("## Failed and pruned trials")[1]

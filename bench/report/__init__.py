@@ -83,7 +83,7 @@ def write_report(experiment: str | None, *, results: Path, tracking_uri: str | N
               "context": context, "n_runs": len(runs),
               "states": ", ".join(f"{n} {s.lower()}" for s, n in runs["state"].value_counts().items()),
               "facts": _facts(uri, experiment, runs, study_tags(client, experiment)),
-              "search": _search(study, spec, runs, context, out) if spec.get("search") else None,
+              "search": _search(study, spec, runs, context, out, axes) if spec.get("search") else None,
               "summary": summary_table(summary, axes, SUMMARY_COLUMNS) if not done.empty else None,
               "conditional": bool(summary["conditional"].any()), "min_seeds": MIN_SEEDS,
               "fair": _fairness(summary, axes) if done["loss"].nunique() > 1 else None,
@@ -118,13 +118,13 @@ def _save(out: Path, name: str, drawn, title: str, missing: str) -> dict:
             "link": path.relative_to(out).as_posix(), "data": base64.b64encode(path.read_bytes()).decode()}
 
 
-def _search(study, spec: dict, runs: pd.DataFrame, context, out: Path) -> dict:
+def _search(study, spec: dict, runs: pd.DataFrame, context, out: Path, axes: list[str]) -> dict:
     """The search's settings, best finished trials, Optuna's importances and plots."""
     params = list(spec["search"]["params"])
     completed = runs[runs["state"] == "FINISHED"]
     drawn = search_figures(study, params, context.objective) if not completed.empty else {}
     return {**spec["search"], "params": params, "completed": len(completed),
-            "best": best_trials_table(completed, params, HEADLINE, context.direction),
+            "best": best_trials_table(completed, params, HEADLINE, context.direction, axes=axes),
             "importances": _importances(study, params),
             "figures": [_save(out, name, drawn.get(name), title, "no trial finished")
                         for name, title in SEARCH_FIGURES.items()]}

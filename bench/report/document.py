@@ -13,7 +13,7 @@ from pathlib import Path
 import jinja2
 import pandas as pd
 
-from bench.report.stats import CONFIDENCE, MIN_SEEDS, better_text, groups
+from bench.report.stats import CONFIDENCE, MIN_SEEDS, better_text, cell_label, groups
 
 LATEX_ESCAPES = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "#": r"\#", "_": r"\_",
                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}",
@@ -87,15 +87,19 @@ def differences_table(paired: pd.DataFrame):
     return header, rows
 
 
-def best_trials_table(done: pd.DataFrame, params: list[str], metrics, direction: str, top: int = 5):
-    """The `top` finished trials by the objective, with their sampled values and test metrics."""
+def best_trials_table(done: pd.DataFrame, params: list[str], metrics, direction: str, top: int = 5,
+                      axes: list[str] = ()):
+    """The `top` finished trials by the objective, with their cell (where a grid has `axes`),
+    sampled values and test metrics."""
     best = done.sort_values("objective", ascending=direction != "maximize").head(top)
     shown = [m for m in metrics if m in best and best[m].notna().any()]
-    rows = [[str(r["trial"]), f"{r['objective']:.2f}", *(f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p])
-                                                          for p in params),
+    cells = list(cell_label(best, list(axes))) if axes else [None] * len(best)
+    rows = [[str(r["trial"]), *([cell] if axes else []), f"{r['objective']:.2f}",
+             *(f"{r[p]:.4g}" if isinstance(r[p], float) else str(r[p]) for p in params),
              *(_or_dash(r[m], f"{r[m]:.2f}") for m in shown),
-             _or_dash(r.get("trial_seconds"), f"{r.get('trial_seconds', 0):.1f}")] for _, r in best.iterrows()]
-    return ["trial", "objective", *params, *shown, "seconds"], rows
+             _or_dash(r.get("trial_seconds"), f"{r.get('trial_seconds', 0):.1f}")]
+            for cell, (_, r) in zip(cells, best.iterrows())]
+    return ["trial", *(["cell"] if axes else []), "objective", *params, *shown, "seconds"], rows
 
 
 def other_trials_table(other: pd.DataFrame):

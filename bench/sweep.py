@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from bench import locations, queue, tracking
 from bench.data import load_dataset
-from bench.errors import StudyError
+from bench.errors import SpecError, StudyError
 from bench.spec import StudySpec, load_spec, parse_spec
 from bench.study import (SPEC_HASH, WORKER_STORAGE_ENV, WORKER_TRACKING_ENV, open_study,  # noqa: F401
                          resolve, storage_url, tracking_uri)
@@ -213,7 +213,13 @@ def load_any_spec(path: str | Path) -> StudySpec:
     """A TOML spec, or the JSON snapshot a coordinator hands to its worker processes."""
     path = Path(path)
     if path.suffix == ".json":
-        saved = json.loads(path.read_text())
+        try:
+            saved = json.loads(path.read_text())
+        except ValueError:  # not JSON (or not UTF-8)
+            saved = None
+        if not (isinstance(saved, dict) and isinstance(saved.get("spec"), dict) and isinstance(saved.get("sha256"), str)):
+            raise SpecError(f"{path} is not a spec snapshot a coordinator wrote (.<study>.spec.json): give "
+                            "the study's TOML spec instead")
         spec = parse_spec(saved["spec"], source=saved.get("path") or str(path))
         return spec if spec.sha256 == saved["sha256"] else _with_hash(spec, saved)
     return load_spec(path)

@@ -55,6 +55,7 @@ BAD_INPUTS = {
     "unknown model": (train(model="vea"), ["unknown model 'vea'", "did you mean 'vae'"], None),
     "latent not a number": (train(latent="two"), ["--latent", "invalid int value: 'two'"], None),
     "unknown command": (["trian"], ["invalid choice: 'trian'"], None),
+    "not a spec snapshot": (["worker", "{bad_snapshot}"], ["is not a spec snapshot", "TOML spec instead"], None),
     "port out of range": (["ui", "--port", "99999"], ["argument --port", "<= 65535, got '99999'"], None),
     "negative threads": (["worker", "smoke", "--threads", "-2"], ["argument --threads", ">= 1"], None),
     "negative table workers": (["table", "seed", "--workers", "-1"], ["--workers must be >= 0"], None),
@@ -88,6 +89,8 @@ def finished(tmp_path_factory) -> dict[str, Finished]:
     root = tmp_path_factory.mktemp("cli")
     typo_spec = root / "typo.toml"
     typo_spec.write_text('[study]\nname = "typo"\ndataset = "digits"\nepoch = 2\n')
+    bad_snapshot = root / "bad.spec.json"
+    bad_snapshot.write_text("{not json")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
 
     def run(item):
@@ -96,7 +99,7 @@ def finished(tmp_path_factory) -> dict[str, Finished]:
         (home / "cwd").mkdir(parents=True)
         if name == "report without runs":
             (home / "results").mkdir()
-        args = [a.format(typo_spec=typo_spec) for a in args]
+        args = [a.format(typo_spec=typo_spec, bad_snapshot=bad_snapshot) for a in args]
         done = subprocess.run([sys.executable, "-m", "bench", *args, "--results", str(home / "results")],
                               cwd=home / "cwd", env=env, capture_output=True, text=True, timeout=600)
         return name, Finished(args, home / "cwd", home / "results", done.returncode, done.stdout, done.stderr)

@@ -217,7 +217,8 @@ def load_any_spec(path: str | Path) -> StudySpec:
             saved = json.loads(path.read_text())
         except ValueError:  # not JSON (or not UTF-8)
             saved = None
-        if not (isinstance(saved, dict) and isinstance(saved.get("spec"), dict) and isinstance(saved.get("sha256"), str)):
+        valid = isinstance(saved, dict) and isinstance(saved.get("spec"), dict)
+        if not (valid and isinstance(saved.get("sha256"), str)):
             raise SpecError(f"{path} is not a spec snapshot a coordinator wrote (.<study>.spec.json): give "
                             "the study's TOML spec instead")
         spec = parse_spec(saved["spec"], source=saved.get("path") or str(path))

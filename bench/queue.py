@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 
 from bench import locations
 from bench.errors import StudyError
-from bench.spec import StudySpec
+from bench.spec import StudySpec, canonical_key
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 # heartbeats and fail_stale_trials are marked experimental; we rely on them knowingly
@@ -108,13 +108,13 @@ def queue_missing(spec: StudySpec, study: optuna.Study) -> tuple[int, int]:
     under other values than the spec's now: see `identity`."""
     trials = study.get_trials(deepcopy=False)
     by_slot: dict[tuple[str, int], list] = {}
-    for t in trials:
-        by_slot.setdefault((t.user_attrs.get(CELL), t.user_attrs.get(SLOT, 0)), []).append(t)
+    for t in trials:  # keyed whatever the order of the axes the trial was queued under
+        by_slot.setdefault((canonical_key(t.user_attrs.get(CELL)), t.user_attrs.get(SLOT, 0)), []).append(t)
     enqueued = done = 0
     spec_cells = {cell.key: cell for cell in spec.cells()}
     for key, slot, params in slots(spec):
         current = identity(spec, spec_cells[key])
-        slot_trials = by_slot.get((key, slot), [])
+        slot_trials = by_slot.get((canonical_key(key), slot), [])
         for t in slot_trials:
             old = json.loads(t.user_attrs[IDENTITY]) if IDENTITY in t.user_attrs else None
             if old is not None and t.state != TrialState.FAIL and (changes := identity_changes(old, current)):

@@ -132,7 +132,7 @@ class StudySpec:
 
     def cell(self, key: str) -> Cell:
         for cell in self.cells():
-            if cell.key == key:
+            if canonical_key(cell.key) == canonical_key(key):
                 return cell
         raise SpecError(f"no cell {key!r} in study {self.name!r} ({_label(self.path)}): "
                         f"the spec changed since that run; list the cells with a dry run")
@@ -168,6 +168,12 @@ class StudySpec:
         data = {"study": study, "grid": {name: list(values) for name, values in self.grid},
                 "search": search, "fixed": dict(self.fixed)}
         return {table: values for table, values in data.items() if values}
+
+
+def canonical_key(key) -> str:
+    """A cell key whatever the order of the [grid] axes it was made in: reordering the axes in a
+    spec retrained every cell and doubled n."""
+    return ",".join(sorted(str(key).split(",")))
 
 
 def load_spec(path: str | Path) -> StudySpec:

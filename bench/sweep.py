@@ -27,7 +27,7 @@ from optuna.trial import TrialState
 from bench import locations, queue, tracking
 from bench.data import load_dataset
 from bench.errors import SpecError, StudyError
-from bench.spec import StudySpec, load_spec, parse_spec
+from bench.spec import StudySpec, canonical_key, load_spec, parse_spec
 from bench.study import (SPEC_HASH, WORKER_STORAGE_ENV, WORKER_TRACKING_ENV, open_study,  # noqa: F401
                          resolve, storage_url, tracking_uri)
 from bench.worker import DEFAULT_STACK, run_worker  # noqa: F401
@@ -237,15 +237,16 @@ def outcome(spec: StudySpec, url: str, uri: str, trained: int = 0, seconds: floa
     trials = study.get_trials(deepcopy=False)
     done_keys, failures = set(), {}
     for t in trials:
-        key = (t.user_attrs.get(queue.CELL), t.user_attrs.get(queue.SLOT, 0))
+        key = (canonical_key(t.user_attrs.get(queue.CELL)), t.user_attrs.get(queue.SLOT, 0))
         if t.state in queue.DONE_STATES:
             done_keys.add(key)
         elif t.state == TrialState.FAIL:
             failures[key] = t.user_attrs.get(queue.REASON, "failed")
     slots = queue.slots(spec)
-    failed = [(k, failures[(k, s)]) for k, s, _ in slots if (k, s) not in done_keys and (k, s) in failures]
+    slots = [(k, canonical_key(k), s) for k, s, _ in slots]
+    failed = [(k, failures[(c, s)]) for k, c, s in slots if (c, s) not in done_keys and (c, s) in failures]
     result = StudyOutcome(spec.name, spec.name, spec.dataset, url, uri, len(spec.cells()), len(slots),
-                          sum(1 for k, s, _ in slots if (k, s) in done_keys), failed, trained, seconds)
+                          sum(1 for _, c, s in slots if (c, s) in done_keys), failed, trained, seconds)
     result.summary = comparison(spec, trials)
     if trained < 0:  # worker processes: the trials that finished during this call
         since = time.time() - seconds
@@ -261,7 +262,7 @@ def comparison(spec: StudySpec, trials) -> str:
     best = {}
     for t in trials:
         if t.state == TrialState.COMPLETE:
-            key = t.user_attrs.get(queue.CELL, t.number)
+            key = canonical_key(t.user_attrs.get(queue.CELL, t.number))
             if key not in best or (t.value > best[key].value) == (spec.direction == "maximize"):
                 best[key] = t
     rows = []

@@ -225,6 +225,16 @@ def test_after_a_restart_the_study_names_the_spec_now_in_charge(results, tmp_pat
     assert client.get_experiment(exp_id).tags["vaebench.spec_sha256"] == load_spec(second).sha256
 
 
+def test_reordering_the_grid_axes_does_not_train_the_cells_again(results):
+    grid = {"model": ["vae", "ae"], "beta": [1.0, 2.0]}
+    first = sweep.run_study(tiny_spec("reordered", grid=grid), results=results, progress=False)
+    reordered = tiny_spec("reordered", grid=dict(reversed(grid.items())))  # beta before model
+    again = sweep.run_study(reordered, results=results, progress=False)
+    assert (first.trained_now, again.done, again.trained_now) == (4, 4, 0)
+    assert len(optuna_trials(reordered, results)) == 4
+    assert reordered.cell("model=ae,beta=2.0,seed=0").key == "beta=2.0,model=ae,seed=0"
+
+
 def test_a_worker_without_a_queued_study_says_how_to_start_one(results):
     with pytest.raises(StudyError, match="no study 'nothing' in this storage yet"):
         sweep.run_worker(tiny_spec("nothing"), results=results, progress=False)

@@ -131,8 +131,9 @@ class StudySpec:
                 for i, (seed, point) in enumerate(points)]
 
     def cell(self, key: str) -> Cell:
+        wanted = canonical_key(key)
         for cell in self.cells():
-            if canonical_key(cell.key) == canonical_key(key):
+            if canonical_key(cell.key) == wanted:
                 return cell
         raise SpecError(f"no cell {key!r} in study {self.name!r} ({_label(self.path)}): "
                         f"the spec changed since that run; list the cells with a dry run")

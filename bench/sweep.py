@@ -64,9 +64,8 @@ def prepare(spec: StudySpec, storage_url_: str, tracking_uri_: str,
         _delete_study(spec, storage, client)
     study = open_study(spec, storage, create=True)
     queue.fail_stale(study, storage)
-    exp_id = tracking.experiment_id(client, spec.name, {"vaebench.spec_sha256": spec.sha256})
-    parent = tracking.study_run(client, exp_id, spec.name, {"vaebench.spec": spec.path or "<dict>",
-                                                              "vaebench.dataset": spec.dataset})
+    exp_id = tracking.experiment_id(client, spec.name)
+    parent = tracking.study_run(client, exp_id, spec.name)  # its spec tags: below, once the queue accepts it
     # the dataset's rows in the store, made here once: concurrent first logs of one dataset
     # from several workers collide on MLflow's unique key
     tracking.log_dataset(client, parent, load_dataset(spec.dataset, spec.binarize))

@@ -88,7 +88,7 @@ def _check_server(uri: str, timeout_s: float = 5.0) -> None:
                                              "it (make services) or fix --tracking-uri")) from None
 
 
-def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> str:
+def experiment_id(client: MlflowClient, name: str) -> str:
     """The experiment `name`, created with the model-development tag if it does not exist."""
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -98,7 +98,7 @@ def experiment_id(client: MlflowClient, name: str, tags: dict | None = None) -> 
         return found.experiment_id
     try:
         return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name),
-                                        tags={**EXPERIMENT_KIND, **(tags or {})})
+                                        tags=EXPERIMENT_KIND)
     except MlflowException:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -154,7 +154,7 @@ def device_name(device: str) -> str:
     return f"{device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
-def study_run(client: MlflowClient, exp_id: str, study: str, tags: dict | None = None) -> str:
+def study_run(client: MlflowClient, exp_id: str, study: str) -> str:
     """The parent run of study `study`: reused on resume, created otherwise."""
     runs = client.search_runs([exp_id], filter_string=f"tags.`{ROLE}` = 'study' and tags.`{STUDY}` = '{study}'",
                               max_results=1, order_by=["attributes.start_time ASC"])
@@ -164,7 +164,7 @@ def study_run(client: MlflowClient, exp_id: str, study: str, tags: dict | None =
             client.update_run(run_id, status="RUNNING")
         return run_id
     run = client.create_run(exp_id, run_name=f"study {study}",
-                            tags={ROLE: "study", STUDY: study, **environment_tags(), **(tags or {})})
+                            tags={ROLE: "study", STUDY: study, **environment_tags()})
     return run.info.run_id
 
 
